@@ -1,0 +1,1 @@
+"""Shoal's shared kit: config, telemetry, gRPC server/client, bus, db, errors."""
