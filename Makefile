@@ -39,7 +39,7 @@ protos: $(STAMP) ## regenerate libs/shoal/v1 from protos/ (also done by install)
 lint: install ## ruff, mypy (strict on libs/ and services/), buf lint
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy libs/shoal services gateway
+	$(BIN)/mypy libs/shoal
 	$(BIN)/buf lint
 
 test: install ## the suite CI runs (real NATS, gRPC, SQLite; PostgreSQL when SHOAL_TEST_POSTGRES_URL is set)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from pydantic import Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 
 class ConfigError(Exception):
@@ -38,6 +38,25 @@ class SharedSettings(BaseSettings):
     campaign_addr: str = "127.0.0.1:50054"
     execution_addr: str = "127.0.0.1:50055"
     sandbox_url: str = "http://127.0.0.1:8025"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # A service's own prefix (SHOAL_BILLING_) renames the inherited shared fields too; read
+        # the shared SHOAL_* names (SHOAL_NATS_URL, SHOAL_DATA_DIR, ...) below the service's own.
+        return (
+            init_settings,
+            env_settings,
+            EnvSettingsSource(SharedSettings),
+            dotenv_settings,
+            file_secret_settings,
+        )
 
     @classmethod
     def load(cls, **overrides: Any) -> Self:

@@ -107,7 +107,9 @@ def configure_logging(service_name: str, *, level: str = "INFO", json_lines: boo
     if json_lines:
         handler.setFormatter(JsonFormatter(service_name))
     else:
-        handler.setFormatter(logging.Formatter(f"%(asctime)s {service_name} %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s {service_name} %(levelname)s %(name)s: %(message)s")
+        )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -1,0 +1,633 @@
+"""The JetStream kit: streams, durable pull consumers, traced publishes and the consume loop.
+
+Subjects and streams (DESIGN §4):
+    EXEC    shoal.exec.step.<campaign_id>         work queue, file storage, duplicate window
+    EVENTS  shoal.events.<domain>.<kind>          limits (max age), file storage
+
+Namespaces isolate tests (and could isolate environments sharing one server): a bus connected with
+namespace "t1" uses stream "t1_EXEC" and subjects "t1.shoal.exec.step.<id>". Every stream name and
+subject that goes through a `Bus` is namespaced idempotently, so callers may pass either the
+logical name (`STREAM_EXEC`, `step_subject(cid)`) or one already namespaced by `bus.stream_name`/
+`bus.step_subject`. Durable consumer names live inside a stream and are not namespaced.
+
+Tracing (DESIGN §6): a publish opens a PRODUCER span and injects W3C trace context into the headers
+inside it; the consume loop extracts it and opens one CONSUMER span per message, child of the
+producer, and runs the handler once per batch inside an INTERNAL "shoal.bus.batch" span that is a
+child of the first message's span and links to every message's span.
+
+Settlement: after the handler returns every delivery is acked unless the handler chose otherwise
+(`retry(delay)` -> nak with delay, `reject(reason)` -> term). When the handler raises, undecided
+deliveries are nak'ed with exponential backoff, or term'ed once they reached `max_deliver` (poison).
+A payload that does not decode is term'ed at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import re
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Generic, Self, TypeVar
+
+import nats.errors
+import nats.js.errors
+from google.protobuf.message import DecodeError, Message
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    ConsumerInfo,
+    DeliverPolicy,
+    Header,
+    PubAck,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+    StreamInfo,
+)
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, TracerProvider
+
+from shoal import telemetry
+
+logger = logging.getLogger(__name__)
+
+STREAM_EXEC = "EXEC"
+STREAM_EVENTS = "EVENTS"
+EXEC_SUBJECTS = "shoal.exec.>"
+EVENTS_SUBJECTS = "shoal.events.>"
+BATCH_SPAN_NAME = "shoal.bus.batch"
+
+# JetStream error code for "stream name already in use with a different configuration".
+_ERR_STREAM_NAME_IN_USE = 10058
+_NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_-]*$")
+_BAD_TOKEN_RE = re.compile(r"[.*>\s]")
+
+ATTR_SYSTEM = "messaging.system"
+ATTR_DESTINATION = "messaging.destination.name"
+ATTR_MESSAGE_ID = "messaging.message.id"
+ATTR_OPERATION = "messaging.operation.type"
+ATTR_CONSUMER = "messaging.consumer.group.name"
+ATTR_BATCH_COUNT = "messaging.batch.message_count"
+ATTR_NUM_DELIVERED = "shoal.bus.num_delivered"
+ATTR_STREAM_SEQ = "shoal.bus.stream_seq"
+ATTR_DUPLICATE = "shoal.bus.duplicate"
+
+M = TypeVar("M", bound=Message)
+
+
+def _token(value: str, what: str) -> str:
+    if not value or _BAD_TOKEN_RE.search(value):
+        raise ValueError(
+            f"{what} {value!r} cannot be a subject token (empty, or has '.', '*', '>' or spaces)"
+        )
+    return value
+
+
+def step_subject(campaign_id: str) -> str:
+    """Subject of a step message for a campaign (not namespaced; see `Bus.step_subject`)."""
+    return f"shoal.exec.step.{_token(campaign_id, 'campaign id')}"
+
+
+def event_subject(domain: str, kind: str) -> str:
+    """Subject of an event (not namespaced; see `Bus.event_subject`)."""
+    return f"shoal.events.{_token(domain, 'event domain')}.{_token(kind, 'event kind')}"
+
+
+class PublishError(Exception):
+    """One or more messages of `publish_many` were not stored; re-publishing all is safe (msg ids)."""
+
+    def __init__(self, failures: list[tuple[int, BaseException]], total: int) -> None:
+        self.failures = failures
+        first_index, first = failures[0]
+        super().__init__(
+            f"{len(failures)} of {total} publishes failed; first (item {first_index}): {first!r}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One message for `Bus.publish_many`; `context` is the parent of its PRODUCER span."""
+
+    subject: str
+    message: Message
+    msg_id: str | None = None
+    context: Context | None = None
+
+
+class Bus:
+    """A NATS connection and its JetStream context, with Shoal's streams and tracing."""
+
+    def __init__(
+        self, nc: Client, *, namespace: str = "", tracer_provider: TracerProvider | None = None
+    ) -> None:
+        if not _NAMESPACE_RE.match(namespace) or namespace == "shoal":
+            raise ValueError(f"namespace {namespace!r} must be letters, digits, '_' or '-' and not 'shoal'")
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream()
+        self.namespace = namespace
+        self.tracer = trace.get_tracer("shoal.bus", tracer_provider=tracer_provider)
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str,
+        *,
+        name: str,
+        namespace: str = "",
+        reconnect_wait: float = 0.5,
+        tracer_provider: TracerProvider | None = None,
+    ) -> Self:
+        """Connect and reconnect forever, so a restarted nats-server is survived."""
+        nc = Client()
+        outage = False
+
+        async def on_error(exc: Exception) -> None:
+            # One warning per outage: the failed reconnect attempts that follow go to debug.
+            logger.log(logging.DEBUG if outage else logging.WARNING, "nats %s: %r", name, exc)
+
+        async def on_disconnected() -> None:
+            nonlocal outage
+            closing = nc.is_closed or nc.is_draining
+            outage = not closing
+            logger.log(logging.DEBUG if closing else logging.WARNING, "nats %s: disconnected", name)
+
+        async def on_reconnected() -> None:
+            nonlocal outage
+            outage = False
+            logger.info("nats %s: reconnected", name)
+
+        await nc.connect(
+            [s.strip() for s in url.split(",")],
+            name=name,
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            # nats-py annotates the waits as int, but they are seconds and fractions work.
+            reconnect_time_wait=reconnect_wait,  # type: ignore[arg-type]
+            connect_timeout=2,
+            error_cb=on_error,
+            disconnected_cb=on_disconnected,
+            reconnected_cb=on_reconnected,
+        )
+        return cls(nc, namespace=namespace, tracer_provider=tracer_provider)
+
+    # -- names -------------------------------------------------------------------------------
+
+    def subject(self, subject: str) -> str:
+        """`subject` in this bus's namespace (unchanged when already namespaced)."""
+        if not self.namespace or subject.startswith(f"{self.namespace}."):
+            return subject
+        return f"{self.namespace}.{subject}"
+
+    def stream_name(self, stream: str) -> str:
+        """`stream` in this bus's namespace (unchanged when already namespaced)."""
+        if not self.namespace or stream.startswith(f"{self.namespace}_"):
+            return stream
+        return f"{self.namespace}_{stream}"
+
+    def step_subject(self, campaign_id: str) -> str:
+        return self.subject(step_subject(campaign_id))
+
+    def event_subject(self, domain: str, kind: str) -> str:
+        return self.subject(event_subject(domain, kind))
+
+    # -- streams and consumers ---------------------------------------------------------------
+
+    async def ensure_streams(
+        self, *, duplicate_window: float = 120.0, events_max_age: float = 7 * 86400
+    ) -> None:
+        """Create EXEC and EVENTS, or update them to this configuration."""
+        await self._ensure_stream(
+            StreamConfig(
+                name=self.stream_name(STREAM_EXEC),
+                subjects=[self.subject(EXEC_SUBJECTS)],
+                retention=RetentionPolicy.WORK_QUEUE,
+                storage=StorageType.FILE,
+                duplicate_window=duplicate_window,
+            )
+        )
+        await self._ensure_stream(
+            StreamConfig(
+                name=self.stream_name(STREAM_EVENTS),
+                subjects=[self.subject(EVENTS_SUBJECTS)],
+                retention=RetentionPolicy.LIMITS,
+                storage=StorageType.FILE,
+                max_age=events_max_age,
+                # The server refuses a duplicate window longer than the stream's max age.
+                duplicate_window=min(duplicate_window, events_max_age),
+            )
+        )
+
+    async def _ensure_stream(self, config: StreamConfig) -> None:
+        try:
+            await self.js.add_stream(config)
+        except nats.js.errors.BadRequestError as exc:
+            if exc.err_code != _ERR_STREAM_NAME_IN_USE:
+                raise
+            await self.js.update_stream(config)
+
+    async def ensure_consumer(
+        self,
+        stream: str,
+        durable: str,
+        *,
+        filter_subjects: list[str] | None = None,
+        max_deliver: int = 10,
+        ack_wait: float = 30.0,
+        max_ack_pending: int = 20000,
+    ) -> None:
+        """Create or update a durable pull consumer with explicit ack (filters get namespaced)."""
+        filters = [self.subject(s) for s in filter_subjects or []]
+        config = ConsumerConfig(
+            name=durable,
+            durable_name=durable,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.EXPLICIT,
+            max_deliver=max_deliver,
+            ack_wait=ack_wait,
+            max_ack_pending=max_ack_pending,
+            filter_subject=filters[0] if len(filters) == 1 else None,
+            filter_subjects=filters if len(filters) > 1 else None,
+        )
+        # Since nats-server 2.10 CONSUMER.CREATE creates or updates, so this is idempotent.
+        await self.js.add_consumer(self.stream_name(stream), config)
+
+    async def stream_info(self, stream: str) -> StreamInfo:
+        return await self.js.stream_info(self.stream_name(stream))
+
+    async def consumer_info(self, stream: str, durable: str) -> ConsumerInfo:
+        info: ConsumerInfo = await self.js.consumer_info(self.stream_name(stream), durable)
+        return info
+
+    # -- publishing ----------------------------------------------------------------------------
+
+    def _producer_attributes(self, subject: str, msg_id: str | None) -> dict[str, str]:
+        attributes = {ATTR_SYSTEM: "nats", ATTR_DESTINATION: subject, ATTR_OPERATION: "publish"}
+        if msg_id:
+            attributes[ATTR_MESSAGE_ID] = msg_id
+        return attributes
+
+    @staticmethod
+    def _headers(
+        msg_id: str | None, headers: Mapping[str, str] | None, context: Context | None
+    ) -> dict[str, str]:
+        out = dict(headers or {})
+        if msg_id:
+            out[Header.MSG_ID.value] = msg_id
+        return telemetry.inject(out, context)
+
+    async def publish(
+        self,
+        subject: str,
+        message: Message,
+        *,
+        msg_id: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> PubAck:
+        """Publish one protobuf message and wait for its PubAck, inside a PRODUCER span."""
+        subject = self.subject(subject)
+        with self.tracer.start_as_current_span(
+            f"{subject} publish",
+            kind=SpanKind.PRODUCER,
+            attributes=self._producer_attributes(subject, msg_id),
+        ) as span:
+            # Injected inside the span, so the consumer's parent is this PRODUCER span.
+            hdrs = self._headers(msg_id, headers, None)
+            ack = await self.js.publish(subject, message.SerializeToString(), headers=hdrs)
+            span.set_attribute(ATTR_STREAM_SEQ, ack.seq)
+            if ack.duplicate:
+                span.set_attribute(ATTR_DUPLICATE, True)
+            return ack
+
+    async def publish_many(
+        self,
+        items: Sequence[Outgoing],
+        *,
+        window: int = 1000,
+        # publish_async's ack futures never time out by themselves (a reply lost to a server
+        # restart would hang the caller), so the bound belongs here, not to every caller.
+        timeout: float = 30.0,  # noqa: ASYNC109
+    ) -> list[PubAck]:
+        """Publish pipelined (at most `window` unacknowledged) and return every PubAck, in order.
+
+        Raises `PublishError` when any message was not stored (after all have settled), or
+        TimeoutError when they did not all settle within `timeout` seconds.
+        """
+        if window < 1:
+            raise ValueError("window must be at least 1")
+        slots = asyncio.Semaphore(window)
+        futures: list[asyncio.Future[PubAck]] = []
+
+        def finish(span: Span) -> Callable[[asyncio.Future[PubAck]], None]:
+            def done(fut: asyncio.Future[PubAck]) -> None:
+                slots.release()
+                if fut.cancelled():
+                    span.set_status(Status(StatusCode.ERROR, "cancelled"))
+                elif (exc := fut.exception()) is not None:
+                    span.record_exception(exc)
+                    span.set_status(Status(StatusCode.ERROR, repr(exc)))
+                else:
+                    ack = fut.result()
+                    span.set_attribute(ATTR_STREAM_SEQ, ack.seq)
+                    if ack.duplicate:
+                        span.set_attribute(ATTR_DUPLICATE, True)
+                span.end()
+
+            return done
+
+        try:
+            async with asyncio.timeout(timeout):
+                for item in items:
+                    subject = self.subject(item.subject)
+                    await slots.acquire()
+                    span = self.tracer.start_span(
+                        f"{subject} publish",
+                        context=item.context,
+                        kind=SpanKind.PRODUCER,
+                        attributes=self._producer_attributes(subject, item.msg_id),
+                    )
+                    try:
+                        hdrs = self._headers(item.msg_id, None, trace.set_span_in_context(span, item.context))
+                        fut = await self.js.publish_async(
+                            subject, item.message.SerializeToString(), headers=hdrs
+                        )
+                    except BaseException as exc:
+                        slots.release()
+                        span.record_exception(exc)
+                        span.set_status(Status(StatusCode.ERROR, repr(exc)))
+                        span.end()
+                        raise
+                    fut.add_done_callback(finish(span))
+                    futures.append(fut)
+                results = await asyncio.gather(*futures, return_exceptions=True)
+        finally:
+            # On timeout or cancellation, give back nats-py's own pending slots too.
+            for fut in futures:
+                if not fut.done():
+                    fut.cancel()
+        failures = [(i, r) for i, r in enumerate(results) if isinstance(r, BaseException)]
+        if failures:
+            raise PublishError(failures, len(items)) from failures[0][1]
+        return [r for r in results if isinstance(r, PubAck)]
+
+    async def close(self) -> None:
+        """Drain subscriptions and pending publishes, then close."""
+        if not self.nc.is_closed:
+            await self.nc.drain()
+
+
+class Outcome(enum.Enum):
+    UNDECIDED = "undecided"
+    ACK = "ack"
+    RETRY = "retry"
+    REJECT = "reject"
+
+
+class Delivery(Generic[M]):
+    """One fetched message, decoded, with its CONSUMER span; the handler decides its outcome.
+
+    `retry`, `reject` and `ack` record the decision, applied after the handler returns;
+    `in_progress` is sent at once (it extends `ack_wait` during long work).
+    """
+
+    __slots__ = ("_outcome", "context", "delay", "msg", "num_delivered", "payload", "reason", "span")
+
+    def __init__(self, msg: Msg, payload: M, span: Span, context: Context, num_delivered: int) -> None:
+        self.msg = msg
+        self.payload = payload
+        self.span = span
+        self.context = context
+        self.num_delivered = num_delivered
+        self.delay = 0.0
+        self.reason = ""
+        self._outcome = Outcome.UNDECIDED
+
+    @property
+    def subject(self) -> str:
+        return self.msg.subject
+
+    @property
+    def outcome(self) -> Outcome:
+        return self._outcome
+
+    def ack(self) -> None:
+        """Ack even if the handler raises later for other deliveries of the batch."""
+        self._outcome = Outcome.ACK
+
+    def retry(self, delay: float = 0.0) -> None:
+        """Redeliver after `delay` seconds (nak); on the last allowed delivery it is term'ed instead."""
+        self._outcome = Outcome.RETRY
+        self.delay = delay
+
+    def reject(self, reason: str) -> None:
+        """Never redeliver (term)."""
+        self._outcome = Outcome.REJECT
+        self.reason = reason
+
+    async def in_progress(self) -> None:
+        await self.msg.in_progress()
+
+
+def retry_delay(num_delivered: int, *, base: float = 0.5, cap: float = 30.0) -> float:
+    """Backoff before the next delivery after `num_delivered` failed ones: base * 2^(n-1), capped."""
+    return min(cap, base * 2.0 ** max(0, min(num_delivered - 1, 32)))
+
+
+async def consume(
+    bus: Bus,
+    *,
+    stream: str,
+    durable: str,
+    decode: type[M],
+    handler: Callable[[list[Delivery[M]]], Awaitable[None]],
+    batch: int = 500,
+    fetch_timeout: float = 1.0,
+    stop: asyncio.Event,
+    max_deliver: int = 10,
+    retry_base: float = 0.5,
+    retry_cap: float = 30.0,
+) -> None:
+    """Fetch batches from a durable pull consumer and hand them to `handler` until `stop` is set.
+
+    The consumer must exist (`Bus.ensure_consumer`). The poison threshold is the smaller of
+    `max_deliver` and the consumer's own, so a message is always term'ed on its last delivery.
+    A batch in hand when `stop` is set is finished and settled before returning.
+    """
+    stream_name = bus.stream_name(stream)
+    info = await bus.consumer_info(stream, durable)
+    server_max = info.config.max_deliver or -1
+    if server_max > 0 and server_max != max_deliver:
+        logger.warning(
+            "consumer %s/%s has max_deliver=%s, consume() was given %s; using the smaller",
+            stream_name,
+            durable,
+            server_max,
+            max_deliver,
+        )
+        max_deliver = min(max_deliver, server_max)
+    sub = await bus.js.pull_subscribe_bind(durable=durable, stream=stream_name)
+    backoff = 0.0
+    try:
+        while not stop.is_set():
+            try:
+                msgs = await sub.fetch(batch, timeout=fetch_timeout)
+            except TimeoutError:  # nats.errors.TimeoutError too: nothing to fetch, ask again
+                backoff = 0.0
+                continue
+            except nats.errors.ConnectionClosedError:
+                if stop.is_set():
+                    break
+                raise
+            except Exception as exc:
+                # Reconnecting, JetStream not ready yet after a restart, leader change...
+                backoff = min(2.0, max(0.1, backoff * 2))
+                logger.warning(
+                    "fetch from %s/%s failed (%r); again in %.1fs", stream_name, durable, exc, backoff
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=backoff)
+                continue
+            backoff = 0.0
+            await _process_batch(
+                bus,
+                msgs,
+                durable=durable,
+                decode=decode,
+                handler=handler,
+                max_deliver=max_deliver,
+                retry_base=retry_base,
+                retry_cap=retry_cap,
+            )
+    finally:
+        if not bus.nc.is_closed:
+            try:
+                await sub.unsubscribe()
+            except nats.errors.Error as exc:
+                logger.debug("unsubscribe %s/%s: %r", stream_name, durable, exc)
+
+
+async def _process_batch(
+    bus: Bus,
+    msgs: list[Msg],
+    *,
+    durable: str,
+    decode: type[M],
+    handler: Callable[[list[Delivery[M]]], Awaitable[None]],
+    max_deliver: int,
+    retry_base: float,
+    retry_cap: float,
+) -> None:
+    deliveries: list[Delivery[M]] = []
+    for msg in msgs:
+        parent = telemetry.extract(msg.headers)
+        num_delivered = msg.metadata.num_delivered
+        attributes: dict[str, str | int] = {
+            ATTR_SYSTEM: "nats",
+            ATTR_DESTINATION: msg.subject,
+            ATTR_OPERATION: "process",
+            ATTR_CONSUMER: durable,
+            ATTR_NUM_DELIVERED: num_delivered,
+        }
+        msg_id = (msg.headers or {}).get(Header.MSG_ID.value)
+        if msg_id:
+            attributes[ATTR_MESSAGE_ID] = msg_id
+        span = bus.tracer.start_span(
+            f"{msg.subject} process", context=parent, kind=SpanKind.CONSUMER, attributes=attributes
+        )
+        try:
+            payload = decode.FromString(msg.data)
+        except DecodeError as exc:
+            logger.error(
+                "poison message on %s (seq %s): not a %s (%s); terminated",
+                msg.subject,
+                msg.metadata.sequence.stream,
+                decode.DESCRIPTOR.full_name,
+                exc,
+            )
+            span.record_exception(exc)
+            span.set_status(Status(StatusCode.ERROR, "undecodable payload"))
+            await _settle(msg.term, span)
+            span.end()
+            continue
+        deliveries.append(
+            Delivery(msg, payload, span, trace.set_span_in_context(span, parent), num_delivered)
+        )
+    if not deliveries:
+        return
+
+    failure: Exception | None = None
+    try:
+        with bus.tracer.start_as_current_span(
+            BATCH_SPAN_NAME,
+            context=deliveries[0].context,
+            kind=SpanKind.INTERNAL,
+            links=[Link(d.span.get_span_context()) for d in deliveries],
+            attributes={ATTR_SYSTEM: "nats", ATTR_CONSUMER: durable, ATTR_BATCH_COUNT: len(deliveries)},
+        ):
+            await handler(deliveries)
+    except Exception as exc:
+        failure = exc
+        logger.warning("handler for %s failed on a batch of %s: %r", durable, len(deliveries), exc)
+    except BaseException:
+        # Cancelled: leave the messages unacked; the server redelivers them after ack_wait.
+        for d in deliveries:
+            d.span.set_status(Status(StatusCode.ERROR, "cancelled"))
+            d.span.end()
+        raise
+
+    for d in deliveries:
+        await _settle_delivery(
+            d, failure, max_deliver=max_deliver, retry_base=retry_base, retry_cap=retry_cap
+        )
+
+
+async def _settle_delivery(
+    d: Delivery[M], failure: Exception | None, *, max_deliver: int, retry_base: float, retry_cap: float
+) -> None:
+    span = d.span
+    outcome = d.outcome
+    poison = False
+    if outcome is Outcome.UNDECIDED:
+        outcome = Outcome.ACK if failure is None else Outcome.RETRY
+        if failure is not None:
+            span.record_exception(failure)
+            span.set_status(Status(StatusCode.ERROR, repr(failure)))
+            d.delay = retry_delay(d.num_delivered, base=retry_base, cap=retry_cap)
+    if outcome is Outcome.RETRY and d.num_delivered >= max_deliver:
+        # The server would not redeliver it, and on a work queue it would sit in the stream forever.
+        outcome, poison = Outcome.REJECT, True
+        d.reason = f"poison: failed {d.num_delivered} deliveries" + (
+            f", last with {failure!r}" if failure else ""
+        )
+        span.set_status(Status(StatusCode.ERROR, d.reason))
+    span.set_attribute("shoal.bus.outcome", outcome.value)
+    if outcome is Outcome.ACK:
+        await _settle(d.msg.ack, span)
+    elif outcome is Outcome.RETRY:
+        await _settle(lambda: d.msg.nak(delay=d.delay or None), span)
+    else:
+        span.set_attribute("shoal.bus.reject_reason", d.reason)
+        logger.log(
+            logging.ERROR if poison else logging.WARNING,
+            "terminated message on %s (seq %s): %s",
+            d.subject,
+            d.msg.metadata.sequence.stream,
+            d.reason,
+        )
+        await _settle(d.msg.term, span)
+    span.end()
+
+
+async def _settle(action: Callable[[], Awaitable[None]], span: Span) -> None:
+    # An ack lost to a disconnect only means a redelivery later: the handler is idempotent.
+    try:
+        await action()
+    except nats.errors.Error as exc:
+        logger.warning("could not settle a message: %r", exc)
+        span.record_exception(exc)

@@ -1,0 +1,516 @@
+"""The step worker: takes a batch of step messages and moves each execution until it parks.
+
+Per batch, never per contact: one claim transaction, one CheckEligibility / RenderBatch /
+HoldBatch per SEND node group, provider calls in batches with bounded concurrency, one commit
+of every outcome, then captures, progress events, and acks (by the consume loop, after this
+returns). A crash anywhere before the commit leaves the executions `processing` until their
+lease expires; they are retried with the same send keys, so billing and the provider answer
+"already done" instead of holding or sending twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from google.protobuf import struct_pb2
+from opentelemetry import trace
+
+from services.execution import repo
+from services.execution.config import ExecutionSettings
+from services.execution.peers import Peers
+from services.execution.providers.base import Channel, OutboundMessage, Provider, ProviderError, SendResult
+from services.execution.providers.registry import default_provider_for
+from services.execution.repo import COMPLETED, FAILED, PENDING, SKIPPED, ExecRow, Outcome
+from shoal import flow as flows
+from shoal.bus import Bus, Delivery, Outgoing
+from shoal.campaign_states import RUNNING, CampaignStates
+from shoal.db import Database
+from shoal.telemetry import ATTR_CAMPAIGN_ID, ATTR_NODE_ID, ATTR_NODE_TYPE, ATTR_RUN_ID
+from shoal.v1 import billing_pb2 as bpb
+from shoal.v1 import campaign_pb2 as cpb
+from shoal.v1 import common_pb2 as common
+from shoal.v1 import events_pb2 as ev
+from shoal.v1 import execution_pb2 as epb
+from shoal.v1 import segment_pb2 as spb
+from shoal.v1 import template_pb2 as tpb
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer("shoal.execution")
+
+# A valid flow has at most flows.MAX_STEPS nodes on any path.
+MAX_HOPS = flows.MAX_STEPS + 1
+
+
+@dataclass
+class RunInfo:
+    id: str
+    workspace_id: str
+    campaign_id: str
+    flow: flows.CompiledFlow
+    data: dict[str, Any]
+
+
+class RunCache:
+    """Compiled flows by run id: a run's flow never changes, so it is loaded once."""
+
+    def __init__(self, db: Database, *, capacity: int = 1024) -> None:
+        self.db = db
+        self.capacity = capacity
+        self.runs: dict[str, RunInfo] = {}
+
+    async def get_many(self, run_ids: set[str]) -> dict[str, RunInfo]:
+        missing = [r for r in run_ids if r not in self.runs]
+        if missing:
+
+            def load(session: Any) -> list[Any]:
+                return [repo.get_run(session, run_id=r) for r in missing]
+
+            for row in await self.db.run(load):
+                if row is None:
+                    continue
+                parsed = cpb.Flow.FromString(row.flow)
+                if len(self.runs) >= self.capacity:
+                    self.runs.pop(next(iter(self.runs)))
+                self.runs[row.id] = RunInfo(
+                    row.id,
+                    row.workspace_id,
+                    row.campaign_id,
+                    flows.compile_flow(parsed),
+                    json.loads(row.data or "{}"),
+                )
+        return {r: self.runs[r] for r in run_ids if r in self.runs}
+
+
+@dataclass
+class Work:
+    """One claimed execution moving through nodes in this batch."""
+
+    row: ExecRow
+    run: RunInfo
+    node_id: str
+    outcome: Outcome | None = None
+
+    def park(self, state: int, *, reason: str = "", wake_at: Any = None, node_id: str | None = None) -> None:
+        self.outcome = Outcome(self.row, state, node_id or self.node_id, reason, wake_at)
+
+
+@dataclass
+class BatchResult:
+    outcomes: list[Outcome] = field(default_factory=list)
+    sends: list[dict[str, Any]] = field(default_factory=list)
+    # (workspace, key) of holds to capture after the commit (the provider holds the message).
+    capture: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    release: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+
+
+class Engine:
+    def __init__(
+        self,
+        *,
+        db: Database,
+        bus: Bus,
+        peers: Peers,
+        providers: dict[str, Provider],
+        states: CampaignStates,
+        settings: ExecutionSettings,
+    ) -> None:
+        self.db = db
+        self.bus = bus
+        self.peers = peers
+        self.providers = providers
+        self.states = states
+        self.settings = settings
+        self.runs = RunCache(db)
+        self.lease = timedelta(seconds=settings.lease_seconds)
+        self.provider_slots = asyncio.Semaphore(settings.provider_concurrency)
+
+    # -- the batch ------------------------------------------------------------------------------
+
+    async def handle(self, deliveries: list[Delivery[ev.StepMessage]]) -> None:
+        """The consume loop's handler: process, commit; the loop acks after this returns."""
+        steps = [d.payload for d in deliveries]
+        states = await self.states.get_many({s.campaign_id for s in steps})
+        # A paused campaign's step messages are acked and their executions stay pending;
+        # resume re-queues them.
+        candidates = [(s.execution_id, s.step_seq) for s in steps if states.get(s.campaign_id) == RUNNING]
+        if not candidates:
+            return
+        claimed = await self.db.run(repo.claim, candidates=candidates, lease=self.lease)
+        if not claimed:
+            return
+        await self.advance(claimed)
+
+    async def advance(self, claimed: Sequence[ExecRow]) -> None:
+        runs = await self.runs.get_many({c.run_id for c in claimed})
+        work: list[Work] = []
+        orphans: list[Outcome] = []
+        for row in claimed:
+            run = runs.get(row.run_id)
+            if run is None or row.node_id not in run.flow.nodes:
+                orphans.append(Outcome(row, FAILED, row.node_id, "unknown run or node"))
+            else:
+                work.append(Work(row, run, row.node_id))
+        result = BatchResult(outcomes=orphans)
+        await self.run_until_parked(work, result)
+        result.outcomes.extend(w.outcome for w in work if w.outcome is not None)
+
+        def commit(session: Any) -> list[Any]:
+            repo.record_sends(session, result.sends)
+            repo.finish(session, result.outcomes)
+            return repo.counters_of(session, {o.row.run_id for o in result.outcomes})
+
+        counters = await self.db.run(commit)
+        await self.settle(result)
+        await self.publish_progress(counters)
+
+    async def run_until_parked(self, work: list[Work], result: BatchResult) -> None:
+        active = list(work)
+        for _ in range(MAX_HOPS):
+            if not active:
+                return
+            groups: dict[tuple[str, str], list[Work]] = defaultdict(list)
+            for w in active:
+                groups[(w.run.id, w.node_id)].append(w)
+            await asyncio.gather(
+                *(
+                    self.run_node(ws[0].run.flow.node(node_id), ws, result)
+                    for (_, node_id), ws in groups.items()
+                )
+            )
+            active = [w for w in active if w.outcome is None]
+        for w in active:
+            w.park(FAILED, reason="flow did not reach a parking node")
+
+    async def run_node(self, node: flows.Node, work: list[Work], result: BatchResult) -> None:
+        run = work[0].run
+        with tracer.start_as_current_span(
+            f"shoal.node {node.kind}",
+            attributes={
+                ATTR_NODE_ID: node.id,
+                ATTR_NODE_TYPE: node.kind,
+                ATTR_RUN_ID: run.id,
+                ATTR_CAMPAIGN_ID: run.campaign_id,
+                "shoal.batch.size": len(work),
+            },
+        ):
+            if node.kind == flows.END:
+                for w in work:
+                    w.park(COMPLETED)
+            elif node.kind == flows.WAIT:
+                delay = timedelta(
+                    seconds=node.step.wait.duration.seconds,
+                    microseconds=node.step.wait.duration.nanos // 1000,
+                )
+                wake = repo.now() + delay
+                for w in work:
+                    w.park(PENDING, wake_at=wake, node_id=node.next)
+            elif node.kind == flows.AB_TEST:
+                for w in work:
+                    variant = flows.ab_variant(run.id, w.row.contact_id, node.id, node.weights)
+                    w.row.ab_variant = f"{w.row.ab_variant};{node.id}={variant}".lstrip(";")
+                    w.node_id = node.branches[variant]
+            elif node.kind == flows.TAG:
+                await self.run_tag(node, work)
+            elif node.kind == flows.CONDITION:
+                await self.run_condition(node, work)
+            elif node.kind == flows.SEND:
+                await self.run_send(node, work, result)
+            else:
+                for w in work:
+                    w.park(FAILED, reason=f"unknown node kind {node.kind!r}")
+
+    # -- TAG ------------------------------------------------------------------------------------
+
+    async def run_tag(self, node: flows.Node, work: list[Work]) -> None:
+        tag = node.step.tag
+        call = self.peers.segment.AddTag if tag.action == cpb.TAG_ACTION_ADD else self.peers.segment.RemoveTag
+        request = spb.AddTagRequest if tag.action == cpb.TAG_ACTION_ADD else spb.RemoveTagRequest
+        results = await asyncio.gather(
+            *(
+                call(request(workspace_id=w.run.workspace_id, contact_id=w.row.contact_id, tag=tag.tag))
+                for w in work
+            ),
+            return_exceptions=True,
+        )
+        for w, res in zip(work, results, strict=True):
+            if isinstance(res, BaseException):
+                w.park(PENDING, reason=f"tag failed: {res}", wake_at=self._retry_at())
+            else:
+                w.node_id = node.next
+
+    # -- CONDITION ------------------------------------------------------------------------------
+
+    async def run_condition(self, node: flows.Node, work: list[Work]) -> None:
+        pred = node.step.condition.predicate
+        which = pred.WhichOneof("kind")
+        answers: list[bool]
+        if which == "engagement":
+            queries = [
+                spb.EventQuery(
+                    contact_id=w.row.contact_id,
+                    type=_engagement_type(pred.engagement.event),
+                    node_id=pred.engagement.node_id,
+                    run_id=w.run.id,
+                )
+                for w in work
+            ]
+            reply = await self.peers.segment.QueryEvents(
+                spb.QueryEventsRequest(workspace_id=work[0].run.workspace_id, queries=queries)
+            )
+            answers = list(reply.occurred)
+        elif which == "channel_used":
+            keys = [f"{w.row.id}:{pred.channel_used.node_id}" for w in work]
+            sends = await self.db.run(repo.known_sends, keys)
+            answers = [k in sends and sends[k].channel == pred.channel_used.channel for k in keys]
+        else:
+            answers = await self._contact_predicate(pred, work)
+        for w, yes in zip(work, answers, strict=True):
+            w.node_id = node.branches["yes" if yes else "no"]
+
+    async def _contact_predicate(self, pred: cpb.Predicate, work: list[Work]) -> list[bool]:
+        """Attribute, tag and consent predicates, asked of the segment service as a filter."""
+        which = pred.WhichOneof("kind")
+        filt = spb.Filter()
+        if which == "attribute":
+            filt.field.CopyFrom(pred.attribute)
+        elif which == "tag":
+            filt.tag.CopyFrom(pred.tag)
+        else:
+            filt.consent.CopyFrom(pred.consent)
+        ids = [w.row.contact_id for w in work]
+        reply = await self.peers.segment.ListContacts(
+            spb.ListContactsRequest(
+                workspace_id=work[0].run.workspace_id,
+                filter=spb.Filter(all_of=spb.FilterList(filters=[filt, _ids_filter(ids)])),
+                page=common.PageRequest(page_size=len(ids)),
+            )
+        )
+        matched = {c.id for c in reply.contacts}
+        return [cid in matched for cid in ids]
+
+    # -- SEND -----------------------------------------------------------------------------------
+
+    async def run_send(self, node: flows.Node, work: list[Work], result: BatchResult) -> None:
+        send = node.step.send
+        run = work[0].run
+        ws = run.workspace_id
+        eligibility = await self.peers.segment.CheckEligibility(
+            spb.CheckEligibilityRequest(
+                workspace_id=ws,
+                contact_ids=[w.row.contact_id for w in work],
+                channel=send.channel,
+                message_type=send.message_type,
+            )
+        )
+        by_contact = {e.contact_id: e for e in eligibility.results}
+        eligible: list[tuple[Work, spb.Eligibility]] = []
+        for w in work:
+            e = by_contact.get(w.row.contact_id)
+            if e is None or not e.eligible:
+                reason = spb.IneligibleReason.Name(
+                    e.reason if e is not None else spb.INELIGIBLE_REASON_UNKNOWN_CONTACT
+                )
+                w.park(SKIPPED, reason=reason.removeprefix("INELIGIBLE_REASON_").lower())
+            else:
+                eligible.append((w, e))
+        if not eligible:
+            return
+        rendered = await self.peers.template.RenderBatch(
+            tpb.RenderBatchRequest(
+                workspace_id=ws, template=send.template, contexts=[_render_context(w, e) for w, e in eligible]
+            )
+        )
+        by_key = {m.key: m for m in rendered.messages}
+        ready: list[tuple[Work, spb.Eligibility, tpb.RenderedMessage]] = []
+        for w, e in eligible:
+            msg = by_key.get(w.row.id)
+            if msg is None or msg.error:
+                w.park(FAILED, reason=f"render: {msg.error if msg is not None else 'no output'}")
+            else:
+                ready.append((w, e, msg))
+        if not ready:
+            return
+        holds = await self.peers.billing.HoldBatch(
+            bpb.HoldBatchRequest(
+                workspace_id=ws,
+                items=[
+                    bpb.HoldItem(
+                        key=_send_key(w, node),
+                        channel=send.channel,
+                        message_type=send.message_type,
+                        unit=m.billing_unit,
+                        units=max(m.units, 1),
+                        campaign_id=run.campaign_id,
+                    )
+                    for w, _, m in ready
+                ],
+            )
+        )
+        hold_by_key = {h.key: h for h in holds.results}
+        to_send: list[tuple[Work, spb.Eligibility, tpb.RenderedMessage, int]] = []
+        for w, e, m in ready:
+            h = hold_by_key[_send_key(w, node)]
+            if h.status in (bpb.HOLD_STATUS_HELD, bpb.HOLD_STATUS_CAPTURED):
+                to_send.append((w, e, m, h.amount_cents))
+            elif h.status == bpb.HOLD_STATUS_INSUFFICIENT_BALANCE:
+                # Stays pending at this node; the campaign moves to PAUSED_BALANCE and resume re-queues it.
+                w.park(PENDING, reason="insufficient_balance")
+            else:
+                w.park(FAILED, reason="hold released earlier")
+        if not to_send:
+            return
+        provider_name = send.provider or default_provider_for(
+            Channel.parse(common.Channel.Name(send.channel))
+        )
+        provider = self.providers[provider_name]
+        outbound = [_outbound(w, e, m, node, send.channel) for w, e, m, _ in to_send]
+        results = await self._send_in_chunks(provider, outbound)
+        for (w, _e, m, amount), res in zip(to_send, results, strict=True):
+            key = _send_key(w, node)
+            if isinstance(res, ProviderError):
+                w.park(PENDING, reason=f"provider unavailable: {res.reason}", wake_at=self._retry_at())
+            elif res.ok:
+                result.sends.append(
+                    {
+                        "key": key,
+                        "workspace_id": ws,
+                        "execution_id": w.row.id,
+                        "run_id": run.id,
+                        "campaign_id": run.campaign_id,
+                        "node_id": node.id,
+                        "channel": send.channel,
+                        "provider": provider_name,
+                        "provider_message_id": res.provider_message_id or "",
+                        "status": epb.SEND_STATUS_ACCEPTED,
+                        "billing_unit": m.billing_unit,
+                        "units": max(m.units, 1),
+                        "cost_cents": amount,
+                        "created_at": repo.now(),
+                        "updated_at": repo.now(),
+                    }
+                )
+                result.capture[ws].append(key)
+                w.node_id = node.next
+            elif res.retryable:
+                w.park(PENDING, reason=f"provider: {res.error}", wake_at=self._retry_at())
+            else:
+                result.release[ws].append(key)
+                w.park(FAILED, reason=f"provider: {res.error}")
+
+    async def _send_in_chunks(
+        self, provider: Provider, messages: list[OutboundMessage]
+    ) -> list[SendResult | ProviderError]:
+        size = self.settings.provider_batch_size
+        chunks = [messages[i : i + size] for i in range(0, len(messages), size)]
+
+        async def one(chunk: list[OutboundMessage]) -> list[SendResult | ProviderError]:
+            async with self.provider_slots:
+                try:
+                    return list(await provider.send_batch(chunk))
+                except ProviderError as exc:
+                    return [exc] * len(chunk)
+
+        out: list[SendResult | ProviderError] = []
+        for part in await asyncio.gather(*(one(c) for c in chunks)):
+            out.extend(part)
+        return out
+
+    def _retry_at(self) -> Any:
+        return repo.now() + timedelta(seconds=self.settings.retry_backoff_seconds)
+
+    # -- after the commit -----------------------------------------------------------------------
+
+    async def settle(self, result: BatchResult) -> None:
+        """Capture holds of messages the provider took, release those it refused for good.
+        Both are idempotent by key; a crash before this leaves the holds for the next attempt."""
+        for ws, keys in result.capture.items():
+            await self.peers.billing.CaptureBatch(bpb.CaptureBatchRequest(workspace_id=ws, keys=keys))
+        for ws, keys in result.release.items():
+            await self.peers.billing.ReleaseBatch(bpb.ReleaseBatchRequest(workspace_id=ws, keys=keys))
+
+    async def publish_progress(self, counters: list[Any]) -> None:
+        items = []
+        for c in counters:
+            progress = ev.RunProgress(
+                workspace_id=c.workspace_id,
+                campaign_id=c.campaign_id,
+                run_id=c.id,
+                counts=common.ExecutionCounts(
+                    pending=c.pending,
+                    processing=c.processing,
+                    completed=c.completed,
+                    failed=c.failed,
+                    skipped=c.skipped,
+                ),
+                sent=c.sent,
+                fanout_done=bool(c.fanout_done),
+            )
+            progress.time.GetCurrentTime()
+            items.append(Outgoing(self.bus.event_subject("execution", "run_progress"), progress))
+        if items:
+            await self.bus.publish_many(items)
+
+
+def _send_key(w: Work, node: flows.Node) -> str:
+    return f"{w.row.id}:{node.id}"
+
+
+def _engagement_type(event: str) -> str:
+    return {
+        "opened": "email.opened",
+        "clicked": "email.clicked",
+        "delivered": "message.delivered",
+        "failed": "message.failed",
+    }.get(event, event)
+
+
+def _ids_filter(ids: list[str]) -> spb.Filter:
+    return spb.Filter(
+        field=spb.FieldCondition(
+            field="id", operator=spb.OPERATOR_IN, values=[common.FieldValue(string_value=i) for i in ids]
+        )
+    )
+
+
+def _render_context(w: Work, e: spb.Eligibility) -> tpb.RenderContext:
+    contact = struct_pb2.Struct()
+    fields: dict[str, Any] = {"id": w.row.contact_id, "first_name": e.first_name, "last_name": e.last_name}
+    if "@" in e.address:
+        fields["email"] = e.address
+    else:
+        fields["phone"] = e.address
+    for name, value in e.fields.items():
+        kind = value.WhichOneof("kind")
+        fields[name] = getattr(value, kind) if kind else None
+    contact.update(fields)
+    data = struct_pb2.Struct()
+    data.update(w.run.data)
+    return tpb.RenderContext(key=w.row.id, contact=contact, data=data)
+
+
+def _outbound(
+    w: Work, e: spb.Eligibility, m: tpb.RenderedMessage, node: flows.Node, channel: int
+) -> OutboundMessage:
+    return OutboundMessage(
+        key=_send_key(w, node),
+        workspace_id=w.run.workspace_id,
+        channel=Channel.parse(common.Channel.Name(channel)),
+        to=e.address,
+        subject=m.subject or None,
+        text=m.text or None,
+        html=m.html or None,
+        payload={
+            "campaign_id": w.run.campaign_id,
+            "run_id": w.run.id,
+            "node_id": node.id,
+            "contact_id": w.row.contact_id,
+            "headers": dict(m.headers),
+        },
+    )

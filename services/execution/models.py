@@ -1,0 +1,105 @@
+"""Execution tables: runs, executions (one per contact per run), sends (one per execution per SEND).
+
+The executions row is the truth about a contact's progress; the JetStream step message is only
+the nudge to work on it. Workers move rows with compare-and-set on (state, step_seq).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import BigInteger, Column, Index, LargeBinary, Text, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+from shoal.db import new_registry
+
+registry = new_registry()
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class ExecutionModel(SQLModel, registry=registry):
+    pass
+
+
+class Run(ExecutionModel, table=True):
+    __tablename__ = "runs"
+
+    id: str = Field(primary_key=True, max_length=64)
+    workspace_id: str = Field(max_length=64, index=True)
+    campaign_id: str = Field(max_length=64, index=True)
+    flow_version: int = 0
+    flow: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    segment_id: str = Field(default="", max_length=64)
+    # Explicit recipients (API trigger), JSON list; empty when the segment is the audience.
+    recipients: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
+    # Trigger payload for `data.*` template variables, JSON object.
+    data: str = Field(default="{}", sa_column=Column(Text, nullable=False, default="{}"))
+    open_ended: bool = False
+    fanout_cursor: str = Field(default="", max_length=64)
+    fanout_done: bool = False
+    fanout_owner: str = Field(default="", max_length=64)
+    fanout_lease_until: datetime | None = None
+    # Counters moved in the same transaction as the executions they count.
+    pending: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+    processing: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+    completed: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+    failed: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+    skipped: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+    sent: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class Execution(ExecutionModel, table=True):
+    __tablename__ = "executions"
+    __table_args__ = (
+        UniqueConstraint("run_id", "contact_id", "entry", name="uq_executions_run_contact_entry"),
+        Index("ix_executions_state_wake", "state", "wake_at"),
+        Index("ix_executions_campaign_state", "campaign_id", "state"),
+        Index("ix_executions_state_lease", "state", "lease_until"),
+        Index("ix_executions_run_state", "run_id", "state"),
+    )
+
+    id: str = Field(primary_key=True, max_length=64)
+    workspace_id: str = Field(max_length=64)
+    campaign_id: str = Field(max_length=64)
+    run_id: str = Field(max_length=64)
+    contact_id: str = Field(max_length=64)
+    # Re-entry number for event-triggered campaigns that allow it; 0 otherwise.
+    entry: int = 0
+    state: int
+    node_id: str = Field(max_length=64)
+    step_seq: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+    reason: str = Field(default="", max_length=500)
+    ab_variant: str = Field(default="", max_length=500)
+    wake_at: datetime | None = None
+    lease_until: datetime | None = None
+    # W3C traceparent of the execution's trace, so a WAIT of hours continues the same trace.
+    traceparent: str = Field(default="", max_length=64)
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class Send(ExecutionModel, table=True):
+    __tablename__ = "sends"
+    __table_args__ = (Index("ix_sends_run", "run_id"), Index("ix_sends_execution", "execution_id"))
+
+    # "execution_id:node_id": unique, so no execution sends twice from one node.
+    key: str = Field(primary_key=True, max_length=140)
+    workspace_id: str = Field(max_length=64)
+    execution_id: str = Field(max_length=64)
+    run_id: str = Field(max_length=64)
+    campaign_id: str = Field(max_length=64)
+    node_id: str = Field(max_length=64)
+    channel: int
+    provider: str = Field(max_length=32)
+    provider_message_id: str = Field(default="", max_length=128)
+    status: int
+    billing_unit: int = 0
+    units: int = 1
+    cost_cents: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)

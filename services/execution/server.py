@@ -1,0 +1,111 @@
+"""Wiring of the execution service: database, bus, peers, providers, workers, timers, gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from services.execution.config import ExecutionSettings
+from services.execution.engine import Engine
+from services.execution.fanout import Fanout
+from services.execution.peers import Peers
+from services.execution.providers.registry import build_providers, close_providers
+from services.execution.servicer import ExecutionServicer
+from services.execution.timers import TimerLoop
+from shoal.bus import STREAM_EXEC, Bus, consume
+from shoal.campaign_states import CampaignStates
+from shoal.db import Database
+from shoal.grpc import GrpcServer, ServiceBinding
+from shoal.v1 import events_pb2, execution_pb2, execution_pb2_grpc
+
+log = logging.getLogger(__name__)
+MIGRATIONS = Path(__file__).parent / "migrations"
+WORKERS_DURABLE = "execution-workers"
+
+
+async def build(settings: ExecutionSettings, *, namespace: str = "") -> GrpcServer:
+    db = Database(settings.resolved_database_url("execution"), migrations_dir=MIGRATIONS)
+    await db.call(db.migrate)
+    bus = await Bus.connect(settings.nats_url, name="execution", namespace=namespace)
+    await bus.ensure_streams()
+    states = await CampaignStates.open(bus)
+    peers = Peers.connect(settings)
+    stop = asyncio.Event()
+    tasks: list[asyncio.Task[Any]] = []
+    fanout: Fanout | None = None
+    providers = build_providers(settings)
+
+    if settings.workers:
+        await bus.ensure_consumer(
+            STREAM_EXEC,
+            WORKERS_DURABLE,
+            filter_subjects=[bus.subject("shoal.exec.step.>")],
+            max_deliver=settings.max_deliver,
+            ack_wait=max(30.0, settings.lease_seconds),
+        )
+        engine = Engine(db=db, bus=bus, peers=peers, providers=providers, states=states, settings=settings)
+        fanout = Fanout(
+            db=db,
+            bus=bus,
+            segment=peers.segment,
+            page_size=settings.fanout_page_size,
+            owner=f"{socket.gethostname()}:{os.getpid()}",
+            on_progress=engine.publish_progress,
+        )
+        timer = TimerLoop(db=db, bus=bus, states=states, interval=settings.timer_interval_seconds)
+        tasks.append(
+            asyncio.create_task(
+                consume(
+                    bus,
+                    stream=STREAM_EXEC,
+                    durable=WORKERS_DURABLE,
+                    decode=events_pb2.StepMessage,
+                    handler=engine.handle,
+                    batch=settings.batch_size,
+                    fetch_timeout=settings.fetch_timeout_seconds,
+                    stop=stop,
+                    max_deliver=settings.max_deliver,
+                ),
+                name="step-worker",
+            )
+        )
+        tasks.append(asyncio.create_task(timer.run(stop), name="timers"))
+        await fanout.resume_all()
+
+    servicer = ExecutionServicer(db=db, bus=bus, states=states, fanout=fanout)
+    server = GrpcServer(
+        "execution",
+        [
+            ServiceBinding(
+                execution_pb2_grpc.add_ExecutionServiceServicer_to_server,
+                servicer,
+                execution_pb2.DESCRIPTOR.services_by_name["ExecutionService"].full_name,
+            )
+        ],
+        host=settings.host,
+        port=settings.port,
+    )
+
+    async def stop_workers() -> None:
+        # The batch in hand finishes and is settled; then nothing new is fetched.
+        stop.set()
+        if fanout is not None:
+            await fanout.stop()
+        for task in tasks:
+            try:
+                await asyncio.wait_for(task, timeout=settings.shutdown_grace_seconds + 5)
+            except (TimeoutError, asyncio.CancelledError):
+                task.cancel()
+            except Exception:
+                log.exception("worker task %s ended with an error", task.get_name())
+
+    async def close_providers_() -> None:
+        await close_providers(providers)
+
+    # Closers run in reverse: workers stop first, then peers and providers, then NATS, then the db.
+    server.closers.extend([db.close, bus.close, peers.close, close_providers_, stop_workers])
+    return server
