@@ -25,3 +25,9 @@ class ExecutionSettings(ServiceSettings):
     provider_batch_size: int = Field(default=250, ge=1, le=5000)
     # Backoff for a transient provider error before the send is tried again.
     retry_backoff_seconds: float = Field(default=5.0, ge=0, le=3600)
+    # Circuit breaker per provider (see breaker.py).
+    breaker_window_seconds: float = Field(default=30.0, gt=0, le=3600)
+    breaker_min_calls: int = Field(default=10, ge=1, le=100_000)
+    breaker_failure_rate: float = Field(default=0.5, gt=0, le=1)
+    breaker_consecutive_failures: int = Field(default=5, ge=1, le=10_000)
+    breaker_open_seconds: float = Field(default=10.0, gt=0, le=3600)

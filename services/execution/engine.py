@@ -23,9 +23,17 @@ from google.protobuf import struct_pb2
 from opentelemetry import trace
 
 from services.execution import repo
+from services.execution.breaker import OPEN, Breaker, BreakerPolicy
 from services.execution.config import ExecutionSettings
 from services.execution.peers import Peers
-from services.execution.providers.base import Channel, OutboundMessage, Provider, ProviderError, SendResult
+from services.execution.providers.base import (
+    Channel,
+    OutboundMessage,
+    Provider,
+    ProviderError,
+    ProviderUnavailable,
+    SendResult,
+)
 from services.execution.providers.registry import default_provider_for
 from services.execution.repo import COMPLETED, FAILED, PENDING, SKIPPED, ExecRow, Outcome
 from shoal import flow as flows
@@ -130,6 +138,14 @@ class Engine:
         self.runs = RunCache(db)
         self.lease = timedelta(seconds=settings.lease_seconds)
         self.provider_slots = asyncio.Semaphore(settings.provider_concurrency)
+        policy = BreakerPolicy(
+            window_seconds=settings.breaker_window_seconds,
+            min_calls=settings.breaker_min_calls,
+            failure_rate=settings.breaker_failure_rate,
+            consecutive_failures=settings.breaker_consecutive_failures,
+            open_seconds=settings.breaker_open_seconds,
+        )
+        self.breakers = {name: Breaker(name, policy) for name in providers}
 
     # -- the batch ------------------------------------------------------------------------------
 
@@ -410,17 +426,42 @@ class Engine:
         size = self.settings.provider_batch_size
         chunks = [messages[i : i + size] for i in range(0, len(messages), size)]
 
+        breaker = self.breakers[provider.name]
+
         async def one(chunk: list[OutboundMessage]) -> list[SendResult | ProviderError]:
             async with self.provider_slots:
+                if not breaker.allow():
+                    return [ProviderUnavailable(provider.name, "circuit breaker open")] * len(chunk)
                 try:
-                    return list(await provider.send_batch(chunk))
+                    results: list[SendResult | ProviderError] = list(await provider.send_batch(chunk))
+                    changed = breaker.record(ok=True)
+                except ProviderUnavailable as exc:
+                    results = [exc] * len(chunk)
+                    changed = breaker.record(ok=False)
                 except ProviderError as exc:
+                    # Our request was refused: says nothing about the provider's health.
                     return [exc] * len(chunk)
+            if changed is not None:
+                await self.announce_breaker(breaker, changed)
+            return results
 
         out: list[SendResult | ProviderError] = []
         for part in await asyncio.gather(*(one(c) for c in chunks)):
             out.extend(part)
         return out
+
+    async def announce_breaker(self, breaker: Breaker, state: str) -> None:
+        opened = state == OPEN
+        log.warning("provider %s breaker %s: %s", breaker.name, state, breaker.reason)
+        event = ev.ProviderBreakerChanged(
+            provider=breaker.name,
+            state=ev.BREAKER_STATE_OPEN if opened else ev.BREAKER_STATE_CLOSED,
+            reason=breaker.reason,
+        )
+        event.time.GetCurrentTime()
+        await self.bus.publish(
+            self.bus.event_subject("provider", "breaker_opened" if opened else "breaker_closed"), event
+        )
 
     def _retry_at(self) -> Any:
         return repo.now() + timedelta(seconds=self.settings.retry_backoff_seconds)
