@@ -21,7 +21,7 @@ from shoal.db import normalise_url
 POSTGRES_URL = os.environ.get("SHOAL_TEST_POSTGRES_URL", "")
 
 
-def _postgres_database() -> Iterator[str]:
+def postgres_database() -> Iterator[str]:
     base = make_url(normalise_url(POSTGRES_URL))
     name = f"shoal_test_{uuid.uuid4().hex[:12]}"
     admin = create_engine(base, isolation_level="AUTOCOMMIT")
@@ -43,7 +43,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         return
     if not POSTGRES_URL:
         pytest.skip("PostgreSQL not configured: set SHOAL_TEST_POSTGRES_URL to run this case")
-    yield from _postgres_database()
+    yield from postgres_database()
 
 
 @pytest.fixture
@@ -54,7 +54,7 @@ def new_database_url(tmp_path: Path) -> Iterator[object]:
     def make(kind: str, name: str) -> str:
         if kind == "sqlite":
             return f"sqlite:///{tmp_path / f'{name}.db'}"
-        gen = _postgres_database()
+        gen = postgres_database()
         made.append(gen)
         return next(gen)
 

@@ -26,6 +26,11 @@ class SharedSettings(BaseSettings):
     nats_url: str = Field(default="nats://127.0.0.1:4222", description="NATS server URL(s), comma separated")
     data_dir: Path = Field(default=Path(".data"), description="Folder for embedded databases")
     workspace_id: str = Field(default="ws_default", description="Workspace created by the embedded default")
+    namespace: str = Field(
+        default="",
+        pattern=r"^[A-Za-z0-9_-]*$",
+        description="Prefix of NATS streams, subjects and buckets (several deployments on one NATS)",
+    )
     log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
     log_json: bool = True
     grpc_deadline_seconds: float = Field(default=10.0, gt=0, le=300)

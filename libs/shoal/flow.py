@@ -21,7 +21,10 @@ NODE_TYPES = (SEND, WAIT, CONDITION, AB_TEST, TAG, END)
 SPLITS = (CONDITION, AB_TEST)
 
 MAX_STEPS = 500
-MAX_DEPTH = 32
+# Each split level is three protobuf levels (Step, ConditionStep/AbVariant, Branch) and protobuf
+# refuses messages nested over 100 deep: past ~30 splits a flow could not even be decoded, so the
+# limit sits well below that, where the error can still name the step.
+MAX_DEPTH = 20
 MAX_WAIT_SECONDS = 366 * 86400
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _TAG = re.compile(r"^[\w:.-]{1,64}$")
@@ -96,7 +99,9 @@ def validate(flow: cpb.Flow) -> list[FlowError]:
             err(step, path, "flow.max_steps", f"a flow has at most {MAX_STEPS} steps")
             break
         if depth > MAX_DEPTH:
-            err(step, path, "flow.max_depth", f"branches nest at most {MAX_DEPTH} deep")
+            # Reported once, at the first step too deep; the steps below it add nothing.
+            if depth == MAX_DEPTH + 1:
+                err(step, path, "flow.max_depth", f"branches nest at most {MAX_DEPTH} deep")
             continue
         if not _ID.match(step.id):
             err(step, f"{path}.id", "step.id", "id must be 1-64 letters, digits, '_' or '-'")
@@ -144,8 +149,7 @@ def validate(flow: cpb.Flow) -> list[FlowError]:
                 err(step, f"{path}.tag.action", "tag.action", "action must be ADD or REMOVE")
         elif kind == CONDITION:
             cond = step.condition
-            if not cond.predicate.WhichOneof("kind"):
-                err(step, f"{path}.condition.predicate", "condition.predicate", "a predicate is required")
+            _validate_predicate(step, f"{path}.condition.predicate", err)
             if not cond.yes.steps:
                 err(
                     step,
@@ -189,28 +193,85 @@ def validate(flow: cpb.Flow) -> list[FlowError]:
                         "ab_test.branches",
                         "every variant needs a step",
                     )
-    # Engagement conditions must point at a SEND of this flow.
-    for step, path, _depth, _last in _walk(list(flow.steps), "steps", 0):
-        if kind_of(step) == CONDITION:
-            pred = step.condition.predicate
-            which = pred.WhichOneof("kind")
-            target = pred.engagement.node_id if which == "engagement" else pred.channel_used.node_id
-            if which in ("engagement", "channel_used") and target not in send_ids:
-                err(
-                    step,
-                    f"{path}.condition.predicate.{which}.node_id",
-                    "condition.node_ref",
-                    f"{target!r} is not a SEND step of this flow",
-                )
+    # Engagement conditions ask about a message the contact was sent earlier on its own path.
+    _check_node_refs(list(flow.steps), "steps", frozenset(), send_ids, err)
     return errors
 
 
 Report = Callable[[cpb.Step | None, str, str, str], None]
 
+ENGAGEMENT_EVENTS = ("delivered", "opened", "clicked", "failed")
+CHANNELS = (common.CHANNEL_EMAIL, common.CHANNEL_RCS, common.CHANNEL_SMS)
+
+
+def _validate_predicate(step: cpb.Step, path: str, report: Report) -> None:
+    pred = step.condition.predicate
+    which = pred.WhichOneof("kind")
+    if which is None:
+        report(step, path, "condition.predicate", "a predicate is required")
+    elif which == "attribute" and not pred.attribute.field:
+        report(step, f"{path}.attribute.field", "condition.predicate", "a field is required")
+    elif which == "tag" and not _TAG.match(pred.tag.tag):
+        report(step, f"{path}.tag.tag", "condition.predicate", "a valid tag is required")
+    elif which == "consent" and (
+        pred.consent.channel not in CHANNELS or pred.consent.message_type == common.MESSAGE_TYPE_UNSPECIFIED
+    ):
+        report(step, f"{path}.consent", "condition.predicate", "consent needs a channel and a message type")
+    elif which == "engagement" and pred.engagement.event not in ENGAGEMENT_EVENTS:
+        report(
+            step,
+            f"{path}.engagement.event",
+            "condition.predicate",
+            f"event must be one of {', '.join(ENGAGEMENT_EVENTS)}",
+        )
+    elif which == "channel_used" and pred.channel_used.channel not in CHANNELS:
+        report(
+            step, f"{path}.channel_used.channel", "condition.predicate", "channel must be EMAIL, RCS or SMS"
+        )
+
+
+def _check_node_refs(
+    steps: list[cpb.Step], path: str, before: frozenset[str], send_ids: set[str], report: Report
+) -> None:
+    """Engagement and channel-used predicates must name a SEND that precedes them on the path."""
+    for i, step in enumerate(steps):
+        step_path = f"{path}[{i}]"
+        kind = kind_of(step)
+        if kind == SEND:
+            before = before | {step.id}
+        elif kind == CONDITION:
+            pred = step.condition.predicate
+            which = pred.WhichOneof("kind")
+            if which in ("engagement", "channel_used"):
+                target = pred.engagement.node_id if which == "engagement" else pred.channel_used.node_id
+                if target not in before:
+                    where = "a later or another branch's" if target in send_ids else "not a"
+                    report(
+                        step,
+                        f"{step_path}.condition.predicate.{which}.node_id",
+                        "condition.node_ref",
+                        f"{target!r} is {where} SEND step; it must be a SEND earlier on this path",
+                    )
+            _check_node_refs(
+                list(step.condition.yes.steps), f"{step_path}.condition.yes.steps", before, send_ids, report
+            )
+            _check_node_refs(
+                list(step.condition.no.steps), f"{step_path}.condition.no.steps", before, send_ids, report
+            )
+        elif kind == AB_TEST:
+            for v, variant in enumerate(step.ab_test.variants):
+                _check_node_refs(
+                    list(variant.branch.steps),
+                    f"{step_path}.ab_test.variants[{v}].branch.steps",
+                    before,
+                    send_ids,
+                    report,
+                )
+
 
 def _validate_send(step: cpb.Step, path: str, report: Report) -> None:
     send = step.send
-    if send.channel == common.CHANNEL_UNSPECIFIED:
+    if send.channel not in CHANNELS:
         report(step, f"{path}.send.channel", "send.channel", "channel is required (EMAIL, RCS or SMS)")
     if send.message_type == common.MESSAGE_TYPE_UNSPECIFIED:
         report(step, f"{path}.send.message_type", "send.message_type", "message type is required")
@@ -287,20 +348,23 @@ class SendShare:
     on_upper_path: bool
 
 
-def send_profile(flow: cpb.Flow) -> list[SendShare]:
+def send_profile(flow: cpb.Flow, cost: Callable[[cpb.Step], int] | None = None) -> list[SendShare]:
     """Each SEND with its expected share and whether it lies on the most expensive path.
 
     Expected shares follow the AB weights; a CONDITION's outcome is unknown before the run, so
-    the expected value splits it evenly, and the upper bound takes its branch with more SENDs.
+    the expected value splits it evenly. The upper bound follows, at every split, the branch whose
+    SENDs cost most by `cost` (a SEND step's price; without it every SEND counts 1, so the branch
+    with the most SENDs).
     """
     shares: list[SendShare] = []
+    price = cost or (lambda _step: 1)
 
     def sends_on_max_path(steps: list[cpb.Step]) -> tuple[int, set[str]]:
         total, ids = 0, set()
         for step in steps:
             kind = kind_of(step)
             if kind == SEND:
-                total += 1
+                total += price(step)
                 ids.add(step.id)
             elif kind == CONDITION:
                 options = [sends_on_max_path(list(b.steps)) for b in (step.condition.yes, step.condition.no)]

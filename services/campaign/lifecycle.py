@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from shoal.errors import (
     InsufficientBalance,
     InvalidArgument,
     NotFound,
+    ShoalError,
     Unavailable,
 )
 from shoal.v1 import billing_pb2 as bpb
@@ -53,6 +55,7 @@ FV = FlowVersion.__table__  # type: ignore[attr-defined]
 TK = TriggerKey.__table__  # type: ignore[attr-defined]
 
 MAX_RECIPIENTS = 10_000
+_EVENT_TYPE = re.compile(r"^contact\.[a-z][a-z0-9_.-]{0,63}$")
 
 
 def utcnow() -> datetime:
@@ -72,6 +75,13 @@ class Estimate:
     upper_cents: int
     free_cents: int
     per_contact_cents: int
+
+
+@dataclass
+class Progress:
+    counts: common.ExecutionCounts
+    sent: int
+    remaining_cents: int
 
 
 class Lifecycle:
@@ -114,6 +124,23 @@ class Lifecycle:
         )
         return cpb.Flow.FromString(blob or b"")
 
+    async def progress(self, row: Any) -> Progress:
+        """Live counts of the current run and what its unfinished executions should still cost."""
+        if not row.current_run_id:
+            return Progress(common.ExecutionCounts(), 0, 0)
+        live = await self.peers.execution.GetRunCounts(
+            epb.GetRunCountsRequest(workspace_id=row.workspace_id, run_id=row.current_run_id)
+        )
+        per_contact = await self.db.run(
+            lambda s: s.execute(
+                select(RUNS.c.cost_per_contact_cents).where(RUNS.c.id == row.current_run_id)
+            ).scalar()
+        )
+        # Each pending or processing contact priced as a whole pass through the flow: an upper
+        # figure for those already past a SEND, never an under-estimate.
+        remaining = (live.counts.pending + live.counts.processing) * (per_contact or 0)
+        return Progress(live.counts, live.sent, remaining)
+
     def to_pb(self, row: Any, flow: cpb.Flow | None = None) -> cpb.Campaign:
         out = cpb.Campaign(
             id=row.id,
@@ -140,7 +167,7 @@ class Lifecycle:
     ) -> Any:
         _check_authoring(name=name, trigger=trigger)
         campaign_id = str(uuid.uuid4())
-        now = utcnow()
+        now = self.clock()
 
         def work(session: Any) -> None:
             session.execute(
@@ -186,7 +213,7 @@ class Lifecycle:
                     f"only a DRAFT campaign can be edited; this one is {st.name(row.state)}",
                     reason="wrong_state",
                 )
-            values: dict[str, Any] = {"name": name, "updated_at": utcnow()}
+            values: dict[str, Any] = {"name": name, "updated_at": self.clock()}
             if "segment_id" in mask:
                 values["segment_id"] = request.segment_id
             if "trigger" in mask:
@@ -199,7 +226,7 @@ class Lifecycle:
                         campaign_id=campaign_id,
                         version=version,
                         flow=request.flow.SerializeToString(),
-                        created_at=utcnow(),
+                        created_at=self.clock(),
                     )
                 )
                 values["flow_version"] = version
@@ -267,6 +294,19 @@ class Lifecycle:
             audience = reply.size
         else:
             audience = 0
+        prices = await self.peers.billing.ListPrices(bpb.ListPricesRequest(workspace_id=row.workspace_id))
+        by_kind: dict[tuple[int, int], int] = {}
+        for p in prices.prices:
+            key = (p.channel, p.message_type)
+            by_kind[key] = max(by_kind.get(key, 0), p.cents)
+
+        def price(step: cpb.Step) -> int:
+            # The dearest unit of the channel: the upper bound must not promise less than a send costs.
+            cents = by_kind.get((step.send.channel, step.send.message_type), 0)
+            if step.send.fallback in (cpb.RCS_FALLBACK_SMS, cpb.RCS_FALLBACK_SMS_CUSTOM):
+                cents = max(cents, by_kind.get((common.CHANNEL_SMS, step.send.message_type), 0))
+            return cents
+
         sends = [
             bpb.SendProfileItem(
                 channel=s.step.send.channel,
@@ -275,19 +315,19 @@ class Lifecycle:
                 expected_share_bp=s.expected_share_bp,
                 on_upper_path=s.on_upper_path,
             )
-            for s in flows.send_profile(flow)
+            for s in flows.send_profile(flow, cost=price)
         ]
-        # Priced for one contact, then scaled: the per-contact figure also prices what remains.
+        # Priced for the real audience (billing rounds each send up once, not once per contact);
+        # an empty or open-ended audience is priced for one contact, for the per-contact figure.
         cost = await self.peers.billing.EstimateCost(
-            bpb.EstimateCostRequest(workspace_id=row.workspace_id, audience_size=1, sends=sends)
+            bpb.EstimateCostRequest(
+                workspace_id=row.workspace_id, audience_size=max(audience, 1), sends=sends
+            )
         )
-        return Estimate(
-            audience,
-            cost.expected_cents * audience,
-            cost.upper_bound_cents * audience,
-            cost.free_cents,
-            cost.expected_cents,
-        )
+        per_contact = -(-cost.expected_cents // max(audience, 1))
+        if audience == 0:
+            return Estimate(0, 0, 0, cost.free_cents, per_contact)
+        return Estimate(audience, cost.expected_cents, cost.upper_bound_cents, cost.free_cents, per_contact)
 
     # -- moves ----------------------------------------------------------------------------------
 
@@ -310,7 +350,7 @@ class Lifecycle:
             if row is None:
                 raise NotFound(f"campaign {campaign_id} not found")
             target = st.next_state(row.state, action)
-            values: dict[str, Any] = {"state": target, "updated_at": utcnow()}
+            values: dict[str, Any] = {"state": target, "updated_at": self.clock()}
             if extra is not None:
                 values.update(extra(session, row))
             session.execute(update(C).where(C.c.id == campaign_id).values(**values))
@@ -323,7 +363,7 @@ class Lifecycle:
                     actor=actor,
                     reason=reason[:1000],
                     run_id=values.get("current_run_id", row.current_run_id),
-                    created_at=utcnow(),
+                    created_at=self.clock(),
                 )
             )
             after = session.execute(select(C).where(C.c.id == campaign_id)).first()
@@ -381,23 +421,22 @@ class Lifecycle:
         st.next_state(row.state, action)  # refuse early, before any remote call
         if len(recipients) > MAX_RECIPIENTS:
             raise InvalidArgument.of("recipients", f"at most {MAX_RECIPIENTS} recipients per trigger")
+        if kind == "api" and not recipients and not row.segment_id:
+            raise InvalidArgument.of("recipients", "the campaign has no segment: name the recipients")
         flow = await self.flow_of(campaign_id, row.flow_version)
-        problems = await self.validate(row, flow)
-        if problems:
-            raise FailedPrecondition(
-                f"campaign cannot launch: {problems[0].message}",
-                reason="launch_blocked",
-                violations=[FieldViolation(p.path or p.node_id, f"{p.rule}: {p.message}") for p in problems],
-            )
+        await self._check_launchable(row, flow)
         open_ended = kind == "event"
-        cost = await self.estimate(row, flow, recipients=len(recipients) if recipients else None)
+        # An event campaign's audience is whoever matches later: nothing to cover up front
+        # (each entry is held for when it sends); the run still records its per-contact cost.
+        audience = len(recipients) if recipients else (0 if open_ended else None)
+        cost = await self.estimate(row, flow, recipients=audience)
         if cost.free_cents < cost.expected_cents:
             raise InsufficientBalance(
                 f"free balance {cost.free_cents} cents does not cover "
                 f"the estimated cost {cost.expected_cents} cents"
             )
         run_id = str(uuid.uuid4())
-        now = utcnow()
+        now = self.clock()
 
         def new_run(session: Any, current: Any) -> dict[str, Any]:
             session.execute(
@@ -415,6 +454,14 @@ class Lifecycle:
                 )
             )
             if idempotency_key:
+                # A key older than the window is free again: its old row must not block the new one.
+                session.execute(
+                    TK.delete().where(
+                        TK.c.campaign_id == campaign_id,
+                        TK.c.key == idempotency_key,
+                        TK.c.created_at < now - self.idempotency_ttl,
+                    )
+                )
                 # Unique per campaign: a racing trigger with the same key fails here and replays.
                 session.execute(
                     insert(TK).values(
@@ -456,10 +503,24 @@ class Lifecycle:
             raise Unavailable(f"the execution service did not accept the run: {exc.details()}") from None
         return Launch(run_id)
 
+    async def _check_launchable(self, row: Any, flow: cpb.Flow) -> None:
+        problems = await self.validate(row, flow)
+        if problems:
+            raise FailedPrecondition(
+                f"campaign cannot launch: {problems[0].node_id or problems[0].path}: {problems[0].message}",
+                reason="launch_blocked",
+                violations=[
+                    FieldViolation(p.path or p.node_id, f"{p.node_id}: {p.rule}: {p.message}")
+                    for p in problems
+                ],
+            )
+
     async def _undo_launch(self, row: Any, before: int, run_id: str, reason: str) -> None:
         def work(session: Any) -> Any:
             session.execute(
-                update(C).where(C.c.id == row.id).values(state=before, current_run_id="", updated_at=utcnow())
+                update(C)
+                .where(C.c.id == row.id)
+                .values(state=before, current_run_id="", updated_at=self.clock())
             )
             session.execute(RUNS.delete().where(RUNS.c.id == run_id))
             session.execute(TK.delete().where(TK.c.run_id == run_id))
@@ -472,7 +533,7 @@ class Lifecycle:
                     actor="system",
                     reason=reason,
                     run_id=run_id,
-                    created_at=utcnow(),
+                    created_at=self.clock(),
                 )
             )
             return session.execute(select(C).where(C.c.id == row.id)).first()
@@ -481,8 +542,8 @@ class Lifecycle:
         await self.announce(after, row.state, before, "system", reason)
 
     async def _replay(self, campaign_id: str, key: str) -> str | None:
-        since = utcnow() - self.idempotency_ttl
-        return await self.db.run(  # type: ignore[no-any-return]
+        since = self.clock() - self.idempotency_ttl
+        return await self.db.run(
             lambda s: s.execute(
                 select(TK.c.run_id).where(
                     TK.c.campaign_id == campaign_id, TK.c.key == key, TK.c.created_at >= since
@@ -568,7 +629,7 @@ class Lifecycle:
                 .where(RUNS.c.id == run_id)
                 .values(
                     state=cpb.RUN_STATE_COMPLETED_PARTIAL if partial else cpb.RUN_STATE_COMPLETED,
-                    ended_at=utcnow(),
+                    ended_at=self.clock(),
                     counts=json.dumps(json_format.MessageToDict(c)),
                     sent=live.sent,
                 )
@@ -644,7 +705,7 @@ class Lifecycle:
         )
         for cid, blob, run_id in rows:
             rule = cpb.Trigger.FromString(blob).event
-            if rule.event_type != event.type or not run_id:
+            if not run_id or not _event_matches(rule.event_type, event.type):
                 continue
             if rule.required_tag and rule.required_tag not in event.tags:
                 continue
@@ -663,14 +724,20 @@ class Lifecycle:
     async def schedule(
         self, workspace_id: str, campaign_id: str, schedule: cpb.ScheduledTrigger, *, actor: str
     ) -> Any:
-        due = due_instant(schedule.local_time, schedule.time_zone)
-        if due <= self.clock():
-            raise InvalidArgument.of("schedule.local_time", "must be in the future")
         row = await self.get(workspace_id, campaign_id)
-        if cpb.Trigger.FromString(row.trigger).WhichOneof("kind") != "scheduled":
+        stored = cpb.Trigger.FromString(row.trigger)
+        if stored.WhichOneof("kind") != "scheduled":
             raise FailedPrecondition(
                 "only a campaign with a scheduled trigger can be scheduled", reason="not_scheduled"
             )
+        if not schedule.local_time and not schedule.time_zone:
+            schedule = stored.scheduled  # the time the campaign was authored with
+        due = due_instant(schedule.local_time, schedule.time_zone)
+        if due <= self.clock():
+            raise InvalidArgument.of("schedule.local_time", "must be in the future")
+        st.next_state(row.state, "schedule")  # refuse early, before any remote call
+        # Refused now rather than found at the due time, when nobody is watching.
+        await self._check_launchable(row, await self.flow_of(campaign_id, row.flow_version))
         trigger = cpb.Trigger(scheduled=schedule)
 
         def values(session: Any, current: Any) -> dict[str, Any]:
@@ -680,6 +747,19 @@ class Lifecycle:
             workspace_id, campaign_id, "schedule", actor=actor, reason=f"due {due.isoformat()}", extra=values
         )
         return after
+
+    async def _unschedule_refused(self, workspace_id: str, campaign_id: str, exc: ShoalError) -> None:
+        try:
+            await self.move(
+                workspace_id,
+                campaign_id,
+                "unschedule",
+                actor="scheduler",
+                reason=_refusal(exc),
+                extra=lambda _s, _r: {"due_at": None},
+            )
+        except FailedPrecondition:
+            return  # moved meanwhile (unscheduled by the operator)
 
     async def tick_scheduler(self) -> list[str]:
         """Start SCHEDULED campaigns that are due; mark those found too late as missed."""
@@ -706,9 +786,26 @@ class Lifecycle:
                     continue
                 await self.launch(ws, cid, "due", actor="scheduler")
                 started.append(cid)
+            except (FailedPrecondition, InsufficientBalance, InvalidArgument) as exc:
+                # Refused for good (flow, templates, balance): trying every tick would only fill
+                # the log. Back to DRAFT with the reason; the operator fixes it and schedules again.
+                log.warning("scheduled start of campaign %s refused: %s", cid, exc.message)
+                await self._unschedule_refused(ws, cid, exc)
             except Exception:
+                # Transient (a peer down): the next tick tries again, until the grace runs out.
                 log.exception("scheduled start of campaign %s failed", cid)
         return started
+
+
+def _refusal(exc: ShoalError) -> str:
+    detail = "; ".join(f"{v.field}: {v.description}" for v in exc.violations)
+    return f"launch refused ({exc.reason}): {exc.message}" + (f" [{detail}]" if detail else "")
+
+
+def _event_matches(rule_type: str, event_type: str) -> bool:
+    """A rule names the event with its domain ("contact.created"); a ContactEvent carries the
+    bare type ("created"), its subject the domain."""
+    return rule_type.removeprefix("contact.") == event_type
 
 
 def _check_authoring(*, name: str, trigger: cpb.Trigger) -> None:
@@ -719,5 +816,7 @@ def _check_authoring(*, name: str, trigger: cpb.Trigger) -> None:
         raise InvalidArgument.of("trigger", "one of manual, scheduled, event or api is required")
     if kind == "scheduled" and trigger.scheduled.time_zone:
         due_instant(trigger.scheduled.local_time, trigger.scheduled.time_zone)
-    if kind == "event" and not trigger.event.event_type:
-        raise InvalidArgument.of("trigger.event.event_type", "is required, e.g. contact.created")
+    if kind == "event" and not _EVENT_TYPE.match(trigger.event.event_type):
+        raise InvalidArgument.of(
+            "trigger.event.event_type", "must be a contact event: contact.<type>, e.g. contact.created"
+        )

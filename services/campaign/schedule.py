@@ -24,7 +24,7 @@ def due_instant(local_time: str, time_zone: str) -> datetime:
         raise InvalidArgument.of("schedule.time_zone", "an IANA time zone is required, e.g. Europe/Paris")
     try:
         zone = ZoneInfo(time_zone)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):
         raise InvalidArgument.of("schedule.time_zone", f"{time_zone!r} is not an IANA time zone") from None
     if not _LOCAL.match(local_time or ""):
         raise InvalidArgument.of(

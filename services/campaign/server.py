@@ -26,7 +26,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 async def build(settings: CampaignSettings, *, namespace: str = "") -> GrpcServer:
     db = Database(settings.resolved_database_url("campaign"), migrations_dir=MIGRATIONS)
     await db.call(db.migrate)
-    bus = await Bus.connect(settings.nats_url, name="campaign", namespace=namespace)
+    bus = await Bus.connect(settings.nats_url, name="campaign", namespace=namespace or settings.namespace)
     await bus.ensure_streams()
     kv = await CampaignStates.open(bus)
     peers = Peers.connect(settings)

@@ -11,7 +11,6 @@ from shoal.errors import InvalidArgument
 from shoal.v1 import campaign_pb2 as pb
 from shoal.v1 import campaign_pb2_grpc
 from shoal.v1 import common_pb2 as common
-from shoal.v1 import execution_pb2 as epb
 
 MAX_PAGE = 200
 
@@ -171,7 +170,7 @@ class CampaignServicer(campaign_pb2_grpc.CampaignServiceServicer):
     ) -> pb.ArchiveCampaignResponse:
         ws = require(request.workspace_id, "workspace_id")
         _, _, row = await self.lc.move(
-            ws, require(request.campaign_id, "campaign_id"), "archive", actor="operator"
+            ws, require(request.campaign_id, "campaign_id"), "archive", actor="operator", reason="archive"
         )
         return pb.ArchiveCampaignResponse(campaign=self.lc.to_pb(row))
 
@@ -180,22 +179,15 @@ class CampaignServicer(campaign_pb2_grpc.CampaignServiceServicer):
     ) -> pb.GetCampaignStatusResponse:
         ws = require(request.workspace_id, "workspace_id")
         row = await self.lc.get(ws, require(request.campaign_id, "campaign_id"))
-        reply = pb.GetCampaignStatusResponse(id=row.id, state=row.state, run_id=row.current_run_id)
-        if row.current_run_id:
-            live = await self.lc.peers.execution.GetRunCounts(
-                epb.GetRunCountsRequest(workspace_id=ws, run_id=row.current_run_id)
-            )
-            reply.counts.CopyFrom(live.counts)
-            reply.sent = live.sent
-            per_contact = await self.lc.db.run(
-                lambda s: s.execute(
-                    select(RUNS.c.cost_per_contact_cents).where(RUNS.c.id == row.current_run_id)
-                ).scalar()
-            )
-            reply.estimated_remaining_cost_cents = (live.counts.pending + live.counts.processing) * (
-                per_contact or 0
-            )
-        return reply
+        progress = await self.lc.progress(row)
+        return pb.GetCampaignStatusResponse(
+            id=row.id,
+            state=row.state,
+            run_id=row.current_run_id,
+            counts=progress.counts,
+            sent=progress.sent,
+            estimated_remaining_cost_cents=progress.remaining_cents,
+        )
 
     async def ListRuns(self, request: pb.ListRunsRequest, context: Any) -> pb.ListRunsResponse:
         ws = require(request.workspace_id, "workspace_id")

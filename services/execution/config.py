@@ -19,6 +19,9 @@ class ExecutionSettings(ServiceSettings):
     # A worker that dies mid-node leaves its executions `processing`; after the lease they return.
     lease_seconds: float = Field(default=60.0, ge=1, le=3600)
     timer_interval_seconds: float = Field(default=0.5, gt=0, le=60)
+    # A pending execution not picked up this long after its last nudge is nudged again (a lost
+    # step message heals itself). Duplicate nudges are harmless: one claim wins.
+    renudge_seconds: float = Field(default=300.0, ge=1, le=86400)
     max_deliver: int = Field(default=20, ge=2, le=1000)
     fanout_page_size: int = Field(default=1000, ge=1, le=10000)
     provider_concurrency: int = Field(default=8, ge=1, le=256)

@@ -137,6 +137,7 @@ class Engine:
         self.settings = settings
         self.runs = RunCache(db)
         self.lease = timedelta(seconds=settings.lease_seconds)
+        self.renudge = timedelta(seconds=settings.renudge_seconds)
         self.provider_slots = asyncio.Semaphore(settings.provider_concurrency)
         policy = BreakerPolicy(
             window_seconds=settings.breaker_window_seconds,
@@ -179,7 +180,7 @@ class Engine:
 
         def commit(session: Any) -> list[Any]:
             repo.record_sends(session, result.sends)
-            repo.finish(session, result.outcomes)
+            repo.finish(session, result.outcomes, renudge=self.renudge)
             return repo.counters_of(session, {o.row.run_id for o in result.outcomes})
 
         counters = await self.db.run(commit)

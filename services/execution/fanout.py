@@ -52,7 +52,9 @@ class Fanout:
         page_size: int,
         owner: str,
         on_progress: Any,
+        renudge: timedelta,
     ) -> None:
+        self.renudge = renudge
         self.db = db
         self.bus = bus
         self.segment = segment
@@ -169,9 +171,8 @@ class Fanout:
         await self._publish(run, steps)
         return len(steps)
 
-    @staticmethod
     def _row(
-        run: Any, contact_id: str, *, entry: int, node_id: str, t: Any, traceparent: str
+        self, run: Any, contact_id: str, *, entry: int, node_id: str, t: Any, traceparent: str
     ) -> dict[str, Any]:
         return {
             "id": execution_id(run.id, contact_id, entry),
@@ -186,6 +187,7 @@ class Fanout:
             "reason": "",
             "ab_variant": "",
             "wake_at": None,
+            "nudge_at": t + self.renudge,
             "lease_until": None,
             "traceparent": traceparent,
             "created_at": t,
@@ -222,24 +224,7 @@ class Fanout:
             known = repo.existing_contacts(session, run_id=run.id, contact_ids=contact_ids)
             t = repo.now()
             rows = [
-                {
-                    "id": execution_id(run.id, cid),
-                    "workspace_id": run.workspace_id,
-                    "campaign_id": run.campaign_id,
-                    "run_id": run.id,
-                    "contact_id": cid,
-                    "entry": 0,
-                    "state": PENDING,
-                    "node_id": entry,
-                    "step_seq": 0,
-                    "reason": "",
-                    "ab_variant": "",
-                    "wake_at": None,
-                    "lease_until": None,
-                    "traceparent": traceparent,
-                    "created_at": t,
-                    "updated_at": t,
-                }
+                self._row(run, cid, entry=0, node_id=entry, t=t, traceparent=traceparent)
                 for cid in contact_ids
                 if cid not in known
             ]

@@ -58,6 +58,7 @@ class Execution(ExecutionModel, table=True):
     __table_args__ = (
         UniqueConstraint("run_id", "contact_id", "entry", name="uq_executions_run_contact_entry"),
         Index("ix_executions_state_wake", "state", "wake_at"),
+        Index("ix_executions_state_nudge", "state", "nudge_at"),
         Index("ix_executions_campaign_state", "campaign_id", "state"),
         Index("ix_executions_state_lease", "state", "lease_until"),
         Index("ix_executions_run_state", "run_id", "state"),
@@ -75,7 +76,11 @@ class Execution(ExecutionModel, table=True):
     step_seq: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
     reason: str = Field(default="", max_length=500)
     ab_variant: str = Field(default="", max_length=500)
+    # WAIT: when the execution continues. NULL when it is not parked at a timer.
     wake_at: datetime | None = None
+    # Safety net: a pending execution whose step message was lost (a publish that failed, a
+    # crash between commit and publish) is nudged again at this time, if still pending.
+    nudge_at: datetime | None = None
     lease_until: datetime | None = None
     # W3C traceparent of the execution's trace, so a WAIT of hours continues the same trace.
     traceparent: str = Field(default="", max_length=64)

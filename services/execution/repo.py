@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, insert, or_, select, tuple_, update
+from sqlalchemy import and_, bindparam, insert, or_, select, tuple_, update
 from sqlmodel import Session
 
 from services.execution.models import Execution, Run, Send
@@ -239,8 +239,12 @@ class Outcome:
     wake_at: datetime | None = None
 
 
-def finish(session: Session, outcomes: Sequence[Outcome]) -> None:
-    """Write each claimed execution's new state; a parked one gets the next step_seq."""
+def finish(session: Session, outcomes: Sequence[Outcome], *, renudge: timedelta) -> None:
+    """Write each claimed execution's new state; a parked one gets the next step_seq.
+
+    A pending execution without a timer gets a safety nudge time: if nothing moves it before
+    then (its campaign paused, a message lost), the timer loop nudges it again.
+    """
     if not outcomes:
         return
     t = now()
@@ -254,6 +258,7 @@ def finish(session: Session, outcomes: Sequence[Outcome]) -> None:
             "b_reason": o.reason[:500],
             "b_variant": o.row.ab_variant[:500],
             "b_wake": o.wake_at,
+            "b_nudge": t + renudge if o.state == PENDING and o.wake_at is None else None,
         }
         for o in outcomes
     ]
@@ -270,6 +275,7 @@ def finish(session: Session, outcomes: Sequence[Outcome]) -> None:
             reason=bindparam("b_reason"),
             ab_variant=bindparam("b_variant"),
             wake_at=bindparam("b_wake"),
+            nudge_at=bindparam("b_nudge"),
             lease_until=None,
             updated_at=t,
         ),
@@ -283,32 +289,47 @@ def finish(session: Session, outcomes: Sequence[Outcome]) -> None:
     move_counters(session, deltas)
 
 
-def bump_due(session: Session, *, due: Sequence[tuple[str, int]]) -> list[ExecRow]:
-    """Give pending executions a new step_seq (and clear wake_at) so a fresh step message is
-    current; compare-and-set, so two timer loops never both re-publish one execution."""
-    if not due:
-        return []
+def due_campaigns(session: Session) -> list[str]:
+    """Campaigns with pending executions whose timer or safety nudge is due."""
+    t = now()
+    due = or_(E.c.wake_at <= t, and_(E.c.wake_at.is_(None), E.c.nudge_at <= t))
+    return [
+        r[0]
+        for r in session.execute(select(E.c.campaign_id).where(E.c.state == PENDING, due).distinct()).all()
+    ]
+
+
+def nudge_due(
+    session: Session,
+    *,
+    campaign_ids: Sequence[str],
+    resume: bool,
+    after_id: str,
+    limit: int,
+    renudge: timedelta,
+) -> list[ExecRow]:
+    """Pending executions to nudge now, marked so the next nudge is `renudge` away.
+
+    Timer mode: those whose WAIT is over or whose safety nudge is due. Resume mode: every
+    pending execution not parked at a future WAIT, paged by id. The step_seq does not change:
+    a duplicate nudge is harmless (one claim wins) and a queued message stays current.
+    """
+    t = now()
+    if resume:
+        due = or_(E.c.wake_at.is_(None), E.c.wake_at <= t)
+    else:
+        due = or_(E.c.wake_at <= t, and_(E.c.wake_at.is_(None), E.c.nudge_at <= t))
+    ids = select(E.c.id).where(E.c.state == PENDING, E.c.campaign_id.in_(list(campaign_ids)), due)
+    if after_id:
+        ids = ids.where(E.c.id > after_id)
+    picked = ids.order_by(E.c.id).limit(limit).scalar_subquery()
     result = session.execute(
         update(E)
-        .where(E.c.state == PENDING, tuple_(E.c.id, E.c.step_seq).in_(list(due)))
-        .values(step_seq=E.c.step_seq + 1, wake_at=None, updated_at=now())
+        .where(E.c.state == PENDING, E.c.id.in_(picked))
+        .values(wake_at=None, nudge_at=t + renudge, updated_at=t)
         .returning(*_EXEC_COLUMNS)
     )
-    return [_row(r) for r in result.all()]
-
-
-def due_pending(
-    session: Session, *, limit: int, campaign_id: str | None = None, include_unscheduled: bool = False
-) -> list[tuple[str, int, str]]:
-    """(id, step_seq, campaign_id) of pending executions whose wake time has passed."""
-    t = now()
-    wake = E.c.wake_at <= t
-    if include_unscheduled:
-        wake = or_(wake, E.c.wake_at.is_(None))
-    q = select(E.c.id, E.c.step_seq, E.c.campaign_id).where(E.c.state == PENDING, wake)
-    if campaign_id is not None:
-        q = q.where(E.c.campaign_id == campaign_id)
-    return [(r[0], r[1], r[2]) for r in session.execute(q.order_by(E.c.wake_at).limit(limit)).all()]
+    return sorted((_row(r) for r in result.all()), key=lambda r: r.id)
 
 
 def expire_leases(session: Session, *, limit: int) -> list[ExecRow]:
@@ -320,7 +341,9 @@ def expire_leases(session: Session, *, limit: int) -> list[ExecRow]:
     result = session.execute(
         update(E)
         .where(E.c.state == PROCESSING, E.c.lease_until < t, E.c.id.in_(expired))
-        .values(state=PENDING, step_seq=E.c.step_seq + 1, lease_until=None, wake_at=None, updated_at=t)
+        .values(
+            state=PENDING, step_seq=E.c.step_seq + 1, lease_until=None, wake_at=None, nudge_at=t, updated_at=t
+        )
         .returning(*_EXEC_COLUMNS)
     )
     rows = [_row(r) for r in result.all()]

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import socket
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ WORKERS_DURABLE = "execution-workers"
 async def build(settings: ExecutionSettings, *, namespace: str = "") -> GrpcServer:
     db = Database(settings.resolved_database_url("execution"), migrations_dir=MIGRATIONS)
     await db.call(db.migrate)
-    bus = await Bus.connect(settings.nats_url, name="execution", namespace=namespace)
+    bus = await Bus.connect(settings.nats_url, name="execution", namespace=namespace or settings.namespace)
     await bus.ensure_streams()
     states = await CampaignStates.open(bus)
     peers = Peers.connect(settings)
@@ -38,6 +39,7 @@ async def build(settings: ExecutionSettings, *, namespace: str = "") -> GrpcServ
     tasks: list[asyncio.Task[Any]] = []
     fanout: Fanout | None = None
     providers = build_providers(settings)
+    renudge = timedelta(seconds=settings.renudge_seconds)
 
     if settings.workers:
         await bus.ensure_consumer(
@@ -54,9 +56,12 @@ async def build(settings: ExecutionSettings, *, namespace: str = "") -> GrpcServ
             segment=peers.segment,
             page_size=settings.fanout_page_size,
             owner=f"{socket.gethostname()}:{os.getpid()}",
+            renudge=renudge,
             on_progress=engine.publish_progress,
         )
-        timer = TimerLoop(db=db, bus=bus, states=states, interval=settings.timer_interval_seconds)
+        timer = TimerLoop(
+            db=db, bus=bus, states=states, interval=settings.timer_interval_seconds, renudge=renudge
+        )
         tasks.append(
             asyncio.create_task(
                 consume(
@@ -76,7 +81,7 @@ async def build(settings: ExecutionSettings, *, namespace: str = "") -> GrpcServ
         tasks.append(asyncio.create_task(timer.run(stop), name="timers"))
         await fanout.resume_all()
 
-    servicer = ExecutionServicer(db=db, bus=bus, states=states, fanout=fanout)
+    servicer = ExecutionServicer(db=db, bus=bus, states=states, fanout=fanout, renudge=renudge)
     server = GrpcServer(
         "execution",
         [

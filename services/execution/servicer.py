@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from google.protobuf import json_format, timestamp_pb2
@@ -69,7 +70,10 @@ def send_pb(r: Any) -> pb.Send:
 
 
 class ExecutionServicer(execution_pb2_grpc.ExecutionServiceServicer):
-    def __init__(self, *, db: Database, bus: Bus, states: CampaignStates, fanout: Fanout | None) -> None:
+    def __init__(
+        self, *, db: Database, bus: Bus, states: CampaignStates, fanout: Fanout | None, renudge: timedelta
+    ) -> None:
+        self.renudge = renudge
         self.db = db
         self.bus = bus
         self.states = states
@@ -178,12 +182,9 @@ class ExecutionServicer(execution_pb2_grpc.ExecutionServiceServicer):
     ) -> pb.RequeuePendingResponse:
         require(request.workspace_id, "workspace_id")
         require(request.campaign_id, "campaign_id")
-        count = await timers.requeue(
-            db=self.db,
-            bus=self.bus,
-            states=self.states,
-            campaign_id=request.campaign_id,
-            include_unscheduled=True,
+        # The campaign service moved the campaign to RUNNING before asking.
+        count = await timers.nudge(
+            db=self.db, bus=self.bus, campaign_ids=[request.campaign_id], resume=True, renudge=self.renudge
         )
         return pb.RequeuePendingResponse(requeued=count)
 

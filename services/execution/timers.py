@@ -1,10 +1,12 @@
-"""Durable timers and leases: the loop that wakes parked executions and recovers dead workers.
+"""Durable timers, safety nudges and leases: the loop that keeps every pending execution moving.
 
 WAIT parks an execution as `pending` with `wake_at` in its row, so timers survive any restart.
-Every interval this loop finds due executions of running campaigns, gives each a new step_seq by
-compare-and-set (so several worker processes never both wake one execution) and publishes its
-step with the trace context it parked with. It also returns executions whose worker died
-(`processing` past the lease) to `pending`.
+Every pending execution also carries `nudge_at`: if its step message was lost (a publish that
+failed during a NATS restart, a crash between commit and publish) the loop publishes a fresh one
+then. Nudges never change step_seq, so a message already queued stays current and a duplicate
+nudge is harmless: one claim wins. Executions whose worker died (`processing` past the lease)
+return to `pending` with a new step_seq (fencing the dead worker) and are nudged on the next tick.
+Only campaigns that are RUNNING are nudged; resume nudges the rest.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
+from datetime import timedelta
 
 from opentelemetry.context import Context
 
@@ -27,8 +30,12 @@ from shoal.v1 import events_pb2 as ev
 log = logging.getLogger(__name__)
 
 
-def step_messages(bus: Bus, rows: Sequence[ExecRow]) -> list[Outgoing]:
-    """Step messages for rows, each continuing the execution's own trace."""
+def step_messages(bus: Bus, rows: Sequence[ExecRow], *, nudge: str = "") -> list[Outgoing]:
+    """Step messages for rows, each continuing the execution's own trace.
+
+    The message id is `execution:step_seq` for the first message of a step; a nudge adds its own
+    tag so JetStream's duplicate window does not swallow it.
+    """
     out = []
     for r in rows:
         context: Context | None = extract({"traceparent": r.traceparent}) if r.traceparent else None
@@ -42,58 +49,64 @@ def step_messages(bus: Bus, rows: Sequence[ExecRow]) -> list[Outgoing]:
                     execution_id=r.id,
                     step_seq=r.step_seq,
                 ),
-                msg_id=f"{r.id}:{r.step_seq}",
+                msg_id=f"{r.id}:{r.step_seq}:{nudge}" if nudge else f"{r.id}:{r.step_seq}",
                 context=context,
             )
         )
     return out
 
 
-async def requeue(
+async def nudge(
     *,
     db: Database,
     bus: Bus,
-    states: CampaignStates,
-    campaign_id: str | None,
-    include_unscheduled: bool,
+    campaign_ids: Sequence[str],
+    resume: bool,
+    renudge: timedelta,
     limit: int = 1000,
 ) -> int:
-    """Publish a fresh step for due pending executions (of one campaign, or of every running one)."""
+    """Publish a step for the due pending executions of these (running) campaigns."""
     total = 0
-    while True:
-        due = await db.run(
-            lambda s: repo.due_pending(
-                s, limit=limit, campaign_id=campaign_id, include_unscheduled=include_unscheduled
-            )
+    after = ""
+    tag = f"n{repo.now().timestamp():.3f}"
+    while campaign_ids:
+        rows = await db.run(
+            repo.nudge_due,
+            campaign_ids=campaign_ids,
+            resume=resume,
+            after_id=after,
+            limit=limit,
+            renudge=renudge,
         )
-        if not due:
+        if not rows:
             return total
-        running = await states.get_many({c for _, _, c in due})
-        runnable = [(i, seq) for i, seq, c in due if running.get(c) == RUNNING]
-        if not runnable:
-            return total
-        rows = await db.run(repo.bump_due, due=runnable)
-        await bus.publish_many(step_messages(bus, rows))
+        await bus.publish_many(step_messages(bus, rows, nudge=tag))
         total += len(rows)
-        if len(due) < limit:
+        after = rows[-1].id
+        if len(rows) < limit:
             return total
+    return total
 
 
 class TimerLoop:
-    def __init__(self, *, db: Database, bus: Bus, states: CampaignStates, interval: float) -> None:
+    def __init__(
+        self, *, db: Database, bus: Bus, states: CampaignStates, interval: float, renudge: timedelta
+    ) -> None:
         self.db = db
         self.bus = bus
         self.states = states
         self.interval = interval
+        self.renudge = renudge
 
     async def tick(self) -> tuple[int, int]:
-        woken = await requeue(
-            db=self.db, bus=self.bus, states=self.states, campaign_id=None, include_unscheduled=False
-        )
         expired: list[ExecRow] = await self.db.run(repo.expire_leases, limit=1000)
         if expired:
             log.warning("%d executions returned to pending after their lease expired", len(expired))
-            await self.bus.publish_many(step_messages(self.bus, expired))
+        campaigns = await self.db.run(repo.due_campaigns)
+        running = [c for c, s in (await self.states.get_many(campaigns)).items() if s == RUNNING]
+        woken = await nudge(
+            db=self.db, bus=self.bus, campaign_ids=running, resume=False, renudge=self.renudge
+        )
         return woken, len(expired)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -103,6 +116,7 @@ class TimerLoop:
             except asyncio.CancelledError:
                 raise
             except Exception:
+                # NATS or the database is away; the rows are untouched or marked for a later nudge.
                 log.exception("timer tick failed")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=self.interval)

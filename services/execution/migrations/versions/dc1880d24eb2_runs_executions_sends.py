@@ -1,8 +1,8 @@
 """runs, executions, sends
 
-Revision ID: 2408bdfa92fb
+Revision ID: dc1880d24eb2
 Revises:
-Create Date: 2026-11-26 05:11:50.832037
+Create Date: 2026-11-26 05:27:05.328087
 """
 
 from collections.abc import Sequence
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 import sqlmodel
 from alembic import op
 
-revision: str = "2408bdfa92fb"
+revision: str = "dc1880d24eb2"
 down_revision: str | None = None
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
@@ -33,6 +33,7 @@ def upgrade() -> None:
         sa.Column("reason", sqlmodel.sql.sqltypes.AutoString(length=500), nullable=False),
         sa.Column("ab_variant", sqlmodel.sql.sqltypes.AutoString(length=500), nullable=False),
         sa.Column("wake_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
+        sa.Column("nudge_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
         sa.Column("lease_until", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
         sa.Column("traceparent", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
         sa.Column("created_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
@@ -44,6 +45,7 @@ def upgrade() -> None:
         batch_op.create_index("ix_executions_campaign_state", ["campaign_id", "state"], unique=False)
         batch_op.create_index("ix_executions_run_state", ["run_id", "state"], unique=False)
         batch_op.create_index("ix_executions_state_lease", ["state", "lease_until"], unique=False)
+        batch_op.create_index("ix_executions_state_nudge", ["state", "nudge_at"], unique=False)
         batch_op.create_index("ix_executions_state_wake", ["state", "wake_at"], unique=False)
 
     op.create_table(
@@ -115,6 +117,7 @@ def downgrade() -> None:
     op.drop_table("runs")
     with op.batch_alter_table("executions", schema=None) as batch_op:
         batch_op.drop_index("ix_executions_state_wake")
+        batch_op.drop_index("ix_executions_state_nudge")
         batch_op.drop_index("ix_executions_state_lease")
         batch_op.drop_index("ix_executions_run_state")
         batch_op.drop_index("ix_executions_campaign_state")

@@ -1,0 +1,1 @@
+"""The segment service: contacts, consent, capabilities, contact events and saved segments."""

@@ -1,0 +1,927 @@
+"""Storage of the segment service: keyword-only functions that take a session and return plain values.
+
+Every statement is scoped by workspace_id. Hot paths (import, eligibility, members, events) are
+Core statements over whole batches: one statement per table per batch, never one per contact.
+Large IN lists are cut into chunks that stay under SQLite's bound-parameter limit.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypeVar
+
+from sqlalchemy import ColumnElement, Table, bindparam, delete, func, insert, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlmodel import Session
+
+from services.segment import ids
+from services.segment.contacts import (
+    ACTIVE,
+    ConsentData,
+    ContactData,
+    ContactView,
+    FieldVal,
+    as_utc,
+    fields_from_json,
+    fields_to_json,
+    row_to_view,
+    tags_to_json,
+)
+from services.segment.models import (
+    Capability,
+    ConsentCurrent,
+    ConsentRecord,
+    Contact,
+    ContactEvent,
+    ContactField,
+    ContactTag,
+    Segment,
+)
+from shoal.errors import Conflict, FailedPrecondition, FieldViolation, InvalidArgument, NotFound
+from shoal.v1 import common_pb2
+from shoal.v1 import segment_pb2 as pb
+
+contacts: Table = Contact.__table__  # type: ignore[attr-defined]
+contact_tags: Table = ContactTag.__table__  # type: ignore[attr-defined]
+contact_fields: Table = ContactField.__table__  # type: ignore[attr-defined]
+consents: Table = ConsentRecord.__table__  # type: ignore[attr-defined]
+consent_current: Table = ConsentCurrent.__table__  # type: ignore[attr-defined]
+contact_events: Table = ContactEvent.__table__  # type: ignore[attr-defined]
+capabilities: Table = Capability.__table__  # type: ignore[attr-defined]
+segments: Table = Segment.__table__  # type: ignore[attr-defined]
+
+# SQLite allows 32,766 bound parameters per statement; stay well below with room for the rest.
+CHUNK = 5000
+T = TypeVar("T")
+
+_SCALARS = ("external_id", "email", "phone", "first_name", "last_name", "status")
+
+
+def chunks(items: Sequence[T], size: int = CHUNK) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _upsert(session: Session, table: Table, rows: list[dict[str, Any]], *, keys: Sequence[str]) -> None:
+    """INSERT ... ON CONFLICT (keys) DO UPDATE every other column, on SQLite and PostgreSQL.
+
+    Rows are de-duplicated by key first (last wins): PostgreSQL refuses to touch one row twice
+    in one statement.
+    """
+    if not rows:
+        return
+    unique = list({tuple(r[k] for k in keys): r for r in rows}.values())
+    dialect = session.get_bind().dialect.name
+    stmt: Any = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
+    others = [c.name for c in table.columns if c.name not in keys]
+    stmt = stmt.on_conflict_do_update(index_elements=list(keys), set_={c: stmt.excluded[c] for c in others})
+    for part in chunks(unique, 1000):
+        session.execute(stmt, list(part))
+
+
+# -- contacts -------------------------------------------------------------------------------------
+
+
+def load_contacts(
+    session: Session, *, workspace_id: str, contact_ids: Sequence[str]
+) -> dict[str, ContactView]:
+    out: dict[str, ContactView] = {}
+    for part in chunks(list(dict.fromkeys(contact_ids))):
+        rows = session.execute(
+            select(contacts).where(contacts.c.workspace_id == workspace_id, contacts.c.id.in_(part))
+        ).all()
+        out.update((r.id, row_to_view(r)) for r in rows)
+    return out
+
+
+def get_contact(session: Session, *, workspace_id: str, contact_id: str) -> ContactView:
+    found = load_contacts(session, workspace_id=workspace_id, contact_ids=[contact_id])
+    if contact_id not in found:
+        raise NotFound(f"contact {contact_id} not found", reason="contact_not_found")
+    return found[contact_id]
+
+
+def _lookup(session: Session, *, workspace_id: str, column: str, values: Iterable[str]) -> dict[str, str]:
+    """value -> contact id for the contacts whose `column` is one of `values` (oldest wins)."""
+    wanted = sorted(set(values))
+    out: dict[str, str] = {}
+    col = contacts.c[column]
+    for part in chunks(wanted):
+        rows = session.execute(
+            select(col, func.min(contacts.c.id))
+            .where(contacts.c.workspace_id == workspace_id, col.in_(part))
+            .group_by(col)
+        ).all()
+        out.update((r[0], r[1]) for r in rows)
+    return out
+
+
+def _side_rows(
+    workspace_id: str, contact_id: str, tags: Iterable[str], fields: dict[str, FieldVal]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    tag_rows = [{"contact_id": contact_id, "tag": t, "workspace_id": workspace_id} for t in sorted(set(tags))]
+    field_rows = []
+    for name, value in fields.items():
+        row: dict[str, Any] = {
+            "contact_id": contact_id,
+            "name": name,
+            "workspace_id": workspace_id,
+            "kind": value.kind,
+            "str_value": None,
+            "num_value": None,
+            "bool_value": None,
+            "ts_value": None,
+        }
+        column = {"string": "str_value", "number": "num_value", "bool": "bool_value", "timestamp": "ts_value"}
+        row[column[value.kind]] = value.value
+        field_rows.append(row)
+    return tag_rows, field_rows
+
+
+def insert_contacts(
+    session: Session, *, workspace_id: str, items: Sequence[tuple[str, ContactData]], now: datetime
+) -> None:
+    """Insert new contacts (ids chosen by the caller) with their tags, fields and consents."""
+    contact_rows: list[dict[str, Any]] = []
+    tag_rows: list[dict[str, Any]] = []
+    field_rows: list[dict[str, Any]] = []
+    consent_items: list[tuple[str, ConsentData]] = []
+    for contact_id, data in items:
+        fields = {k: v for k, v in data.fields.items() if v is not None}
+        tags = data.tags or []
+        contact_rows.append(
+            {
+                "id": contact_id,
+                "workspace_id": workspace_id,
+                "external_id": data.external_id,
+                "email": data.email,
+                "phone": data.phone,
+                "first_name": data.first_name,
+                "last_name": data.last_name,
+                "status": data.status or ACTIVE,
+                "tags_json": tags_to_json(tags),
+                "fields_json": fields_to_json(fields),
+                "created_at": now,
+                "updated_at": now,
+            }
+        )
+        t, f = _side_rows(workspace_id, contact_id, tags, fields)
+        tag_rows.extend(t)
+        field_rows.extend(f)
+        consent_items.extend((contact_id, c) for c in data.consents)
+    for table, rows in ((contacts, contact_rows), (contact_tags, tag_rows), (contact_fields, field_rows)):
+        for part in chunks(rows, 1000):
+            session.execute(insert(table), list(part))
+    append_consents(session, workspace_id=workspace_id, items=consent_items, now=now)
+
+
+def update_contacts(
+    session: Session,
+    *,
+    workspace_id: str,
+    items: Sequence[tuple[str, ContactData]],
+    only: frozenset[str] | None,
+    now: datetime,
+) -> dict[str, tuple[str, ...]]:
+    """Apply changes to existing contacts: scalars set, tags replaced, fields merged, consents added.
+
+    Returns each contact's tags after the change (for the contact.updated events).
+
+    Without `only`, a value left empty (None) keeps what is stored; with `only` (an update mask),
+    exactly the named fields are written and an empty one clears the stored value.
+    """
+    current = load_contacts(session, workspace_id=workspace_id, contact_ids=[i for i, _ in items])
+    updates: list[dict[str, Any]] = []
+    rewrite_ids: list[str] = []
+    tag_rows: list[dict[str, Any]] = []
+    field_rows: list[dict[str, Any]] = []
+    consent_items: list[tuple[str, ConsentData]] = []
+    tags_after: dict[str, tuple[str, ...]] = {}
+    for contact_id, data in items:
+        view = current[contact_id]
+        row: dict[str, Any] = {"b_id": contact_id}
+        for name in _SCALARS:
+            value = getattr(data, name)
+            if only is None:
+                row[name] = getattr(view, name) if value is None else value
+            elif name in only:
+                row[name] = value if name != "status" else (value or view.status)
+            else:
+                row[name] = getattr(view, name)
+        tags = list(view.tags) if data.tags is None else data.tags
+        fields = dict(view.fields)
+        for name, value in data.fields.items():
+            if value is None:
+                fields.pop(name, None)
+            else:
+                fields[name] = value
+        tags_after[contact_id] = tuple(sorted(set(tags)))
+        row["tags_json"] = tags_to_json(tags)
+        row["fields_json"] = fields_to_json(fields)
+        row["updated_at"] = now
+        updates.append(row)
+        if data.tags is not None or data.fields:
+            rewrite_ids.append(contact_id)
+            t, f = _side_rows(workspace_id, contact_id, tags, fields)
+            tag_rows.extend(t)
+            field_rows.extend(f)
+        consent_items.extend((contact_id, c) for c in data.consents)
+    if updates:
+        stmt = (
+            update(contacts)
+            .where(contacts.c.workspace_id == workspace_id, contacts.c.id == bindparam("b_id"))
+            .values({name: bindparam(name) for name in (*_SCALARS, "tags_json", "fields_json", "updated_at")})
+        )
+        for part in chunks(updates, 1000):
+            session.execute(stmt, list(part))
+    # Side tables are rewritten whole for the touched contacts: simpler than diffing, same cost.
+    for id_part in chunks(rewrite_ids):
+        for table in (contact_tags, contact_fields):
+            session.execute(
+                delete(table).where(table.c.workspace_id == workspace_id, table.c.contact_id.in_(id_part))
+            )
+    for table, rows in ((contact_tags, tag_rows), (contact_fields, field_rows)):
+        for part in chunks(rows, 1000):
+            session.execute(insert(table), list(part))
+    append_consents(session, workspace_id=workspace_id, items=consent_items, now=now)
+    return tags_after
+
+
+def _external_id_taken(session: Session, *, workspace_id: str, external_id: str, other_than: str) -> None:
+    owner = _lookup(session, workspace_id=workspace_id, column="external_id", values=[external_id])
+    if external_id in owner and owner[external_id] != other_than:
+        raise Conflict(
+            f"external_id {external_id!r} belongs to contact {owner[external_id]}",
+            reason="external_id_taken",
+            violations=[FieldViolation("contact.external_id", "is already used by another contact")],
+        )
+
+
+def create_contact(session: Session, *, workspace_id: str, data: ContactData, now: datetime) -> ContactView:
+    if data.external_id:
+        _external_id_taken(session, workspace_id=workspace_id, external_id=data.external_id, other_than="")
+    contact_id = ids.new_id(ids.CONTACT)
+    insert_contacts(session, workspace_id=workspace_id, items=[(contact_id, data)], now=now)
+    return get_contact(session, workspace_id=workspace_id, contact_id=contact_id)
+
+
+def upsert_contact(
+    session: Session, *, workspace_id: str, data: ContactData, now: datetime
+) -> tuple[ContactView, bool]:
+    """Create or update, matched by external_id, else by email. Returns (contact, created)."""
+    if data.external_id:
+        column, key = "external_id", data.external_id
+    elif data.email:
+        column, key = "email", data.email
+    else:
+        raise InvalidArgument.of("contact.external_id", "external_id or email is required to upsert")
+    existing = _lookup(session, workspace_id=workspace_id, column=column, values=[key]).get(key)
+    if existing is None:
+        return create_contact(session, workspace_id=workspace_id, data=data, now=now), True
+    update_contacts(session, workspace_id=workspace_id, items=[(existing, data)], only=None, now=now)
+    return get_contact(session, workspace_id=workspace_id, contact_id=existing), False
+
+
+def update_contact(
+    session: Session,
+    *,
+    workspace_id: str,
+    contact_id: str,
+    data: ContactData,
+    only: frozenset[str] | None,
+    now: datetime,
+) -> ContactView:
+    get_contact(session, workspace_id=workspace_id, contact_id=contact_id)
+    if data.external_id and (only is None or "external_id" in only):
+        _external_id_taken(
+            session, workspace_id=workspace_id, external_id=data.external_id, other_than=contact_id
+        )
+    update_contacts(session, workspace_id=workspace_id, items=[(contact_id, data)], only=only, now=now)
+    return get_contact(session, workspace_id=workspace_id, contact_id=contact_id)
+
+
+def delete_contact(session: Session, *, workspace_id: str, contact_id: str) -> None:
+    get_contact(session, workspace_id=workspace_id, contact_id=contact_id)
+    for table in (contact_tags, contact_fields, consent_current, consents, contact_events):
+        session.execute(
+            delete(table).where(table.c.workspace_id == workspace_id, table.c.contact_id == contact_id)
+        )
+    session.execute(
+        delete(contacts).where(contacts.c.workspace_id == workspace_id, contacts.c.id == contact_id)
+    )
+
+
+def members_page(
+    session: Session, *, workspace_id: str, where: ColumnElement[bool], after: str, limit: int
+) -> list[ContactView]:
+    """One keyset page of matching contacts, ordered by id, strictly after `after`."""
+    stmt = select(contacts).where(contacts.c.workspace_id == workspace_id, where)
+    if after:
+        stmt = stmt.where(contacts.c.id > after)
+    rows = session.execute(stmt.order_by(contacts.c.id).limit(limit)).all()
+    return [row_to_view(r) for r in rows]
+
+
+def count_members(session: Session, *, workspace_id: str, where: ColumnElement[bool]) -> int:
+    stmt = select(func.count()).select_from(contacts).where(contacts.c.workspace_id == workspace_id, where)
+    return int(session.execute(stmt).scalar_one())
+
+
+# -- import ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rejection:
+    index: int
+    field: str
+    reason: str
+
+
+@dataclass
+class ImportOutcome:
+    # (contact id, its tags) per created and per updated contact.
+    created: list[tuple[str, tuple[str, ...]]]
+    updated: list[tuple[str, tuple[str, ...]]]
+    rejected: list[Rejection]
+
+
+def import_contacts(
+    session: Session, *, workspace_id: str, rows: Sequence[tuple[int, ContactData]], now: datetime
+) -> ImportOutcome:
+    """Create or update each row (matched like upsert) in the caller's one transaction.
+
+    Rows are already validated; here a row is only rejected for repeating the key of an earlier
+    row of the same call, since applying both would make the result depend on row order.
+    """
+    by_external = _lookup(
+        session,
+        workspace_id=workspace_id,
+        column="external_id",
+        values=[d.external_id for _, d in rows if d.external_id],
+    )
+    by_email = _lookup(
+        session,
+        workspace_id=workspace_id,
+        column="email",
+        values=[d.email for _, d in rows if d.email and not d.external_id],
+    )
+    seen: dict[tuple[str, str], int] = {}
+    creates: list[tuple[str, ContactData]] = []
+    updates: list[tuple[str, ContactData]] = []
+    rejected: list[Rejection] = []
+    for index, data in rows:
+        key: tuple[str, str] | None = None
+        if data.external_id:
+            key = ("external_id", data.external_id)
+        elif data.email:
+            key = ("email", data.email)
+        if key is not None:
+            if key in seen:
+                rejected.append(Rejection(index, f"contacts[{index}].{key[0]}", f"repeats row {seen[key]}"))
+                continue
+            seen[key] = index
+            existing = (by_external if key[0] == "external_id" else by_email).get(key[1])
+            if existing is not None:
+                updates.append((existing, data))
+                continue
+        creates.append((ids.new_id(ids.CONTACT), data))
+    insert_contacts(session, workspace_id=workspace_id, items=creates, now=now)
+    tags_after = update_contacts(session, workspace_id=workspace_id, items=updates, only=None, now=now)
+    return ImportOutcome(
+        [(c, tuple(sorted(set(d.tags or [])))) for c, d in creates],
+        [(u, tags_after[u]) for u, _ in updates],
+        rejected,
+    )
+
+
+def refresh_statistics(session: Session, *, grown: int) -> bool:
+    """ANALYZE the contact tables on PostgreSQL after an import that changed their size a lot.
+
+    Right after a bulk import the planner still believes the tables are nearly empty and picks
+    nested loops for filter subqueries (seconds instead of milliseconds at 10,000 contacts).
+    Autovacuum would catch up within a minute or so; a campaign launched right after an import
+    should not wait for that. Small imports leave it to autovacuum. True when it analyzed.
+    """
+    if session.get_bind().dialect.name != "postgresql" or grown < 1000:
+        return False
+    estimated = session.execute(
+        text("SELECT reltuples FROM pg_class WHERE relname = :name"), {"name": contacts.name}
+    ).scalar()
+    if estimated is not None and estimated > 0 and grown < 0.1 * float(estimated):
+        return False
+    for table in (contacts, contact_tags, contact_fields, consent_current):
+        # Table names are our own constants, never input.
+        session.execute(text(f"ANALYZE {table.name}"))
+    return True
+
+
+# -- tags -----------------------------------------------------------------------------------------
+
+
+def change_tag(
+    session: Session, *, workspace_id: str, contact_id: str, tag: str, add: bool, now: datetime
+) -> tuple[bool, tuple[str, ...]]:
+    """Add or remove one tag; (changed, tags after). Idempotent: a no-op answers changed=False."""
+    view = get_contact(session, workspace_id=workspace_id, contact_id=contact_id)
+    has = tag in view.tags
+    if has == add:
+        return False, view.tags
+    if add:
+        session.execute(
+            insert(contact_tags).values(contact_id=contact_id, tag=tag, workspace_id=workspace_id)
+        )
+        tags = (*view.tags, tag)
+    else:
+        session.execute(
+            delete(contact_tags).where(
+                contact_tags.c.workspace_id == workspace_id,
+                contact_tags.c.contact_id == contact_id,
+                contact_tags.c.tag == tag,
+            )
+        )
+        tags = tuple(t for t in view.tags if t != tag)
+    session.execute(
+        update(contacts)
+        .where(contacts.c.workspace_id == workspace_id, contacts.c.id == contact_id)
+        .values(tags_json=tags_to_json(tags), updated_at=now)
+    )
+    return True, tuple(sorted(tags))
+
+
+# -- consent --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConsentView:
+    contact_id: str
+    channel: int
+    message_type: int
+    status: int
+    source: str
+    proof: str
+    recorded_at: datetime
+    confirmed_at: datetime | None
+
+
+def _consent_view(row: Any) -> ConsentView:
+    return ConsentView(
+        row.contact_id,
+        row.channel,
+        row.message_type,
+        row.status,
+        row.source,
+        row.proof,
+        as_utc(row.recorded_at),
+        as_utc(row.confirmed_at) if row.confirmed_at is not None else None,
+    )
+
+
+def append_consents(
+    session: Session,
+    *,
+    workspace_id: str,
+    items: Sequence[tuple[str, ConsentData]],
+    now: datetime,
+    confirmed_at: datetime | None = None,
+) -> list[int]:
+    """Append history records and move the current pointer of each (contact, channel, type)."""
+    if not items:
+        return []
+    rows = [
+        {
+            "workspace_id": workspace_id,
+            "contact_id": contact_id,
+            "channel": c.channel,
+            "message_type": c.message_type,
+            "status": c.status,
+            "source": c.source,
+            "proof": c.proof,
+            "recorded_at": now,
+            "confirmed_at": confirmed_at,
+        }
+        for contact_id, c in items
+    ]
+    record_ids: list[int] = []
+    for part in chunks(rows, 1000):
+        result = session.execute(
+            insert(consents).returning(consents.c.id, sort_by_parameter_order=True), list(part)
+        )
+        record_ids.extend(r[0] for r in result.all())
+    _upsert(
+        session,
+        consent_current,
+        [
+            {
+                "contact_id": r["contact_id"],
+                "channel": r["channel"],
+                "message_type": r["message_type"],
+                "workspace_id": workspace_id,
+                "status": r["status"],
+                "record_id": rid,
+            }
+            for r, rid in zip(rows, record_ids, strict=True)
+        ],
+        keys=("contact_id", "channel", "message_type"),
+    )
+    return record_ids
+
+
+def set_consent(
+    session: Session,
+    *,
+    workspace_id: str,
+    contact_id: str,
+    consent: ConsentData,
+    confirm: bool,
+    now: datetime,
+) -> ConsentView:
+    """Record a consent change; `confirm` turns the current PENDING record into GRANTED."""
+    get_contact(session, workspace_id=workspace_id, contact_id=contact_id)
+    confirmed_at = None
+    if confirm:
+        current = session.execute(
+            select(consent_current.c.status, consents.c.source, consents.c.proof)
+            .join(consents, consents.c.id == consent_current.c.record_id)
+            .where(
+                consent_current.c.workspace_id == workspace_id,
+                consent_current.c.contact_id == contact_id,
+                consent_current.c.channel == consent.channel,
+                consent_current.c.message_type == consent.message_type,
+            )
+        ).first()
+        if current is None or current.status != pb.CONSENT_STATUS_PENDING:
+            raise FailedPrecondition(
+                "no pending double opt-in to confirm for this channel and message type",
+                reason="consent_not_pending",
+            )
+        consent = ConsentData(
+            consent.channel,
+            consent.message_type,
+            pb.CONSENT_STATUS_GRANTED,
+            consent.source or current.source,
+            consent.proof or current.proof,
+        )
+        confirmed_at = now
+    (record_id,) = append_consents(
+        session, workspace_id=workspace_id, items=[(contact_id, consent)], now=now, confirmed_at=confirmed_at
+    )
+    row = session.execute(select(consents).where(consents.c.id == record_id)).one()
+    return _consent_view(row)
+
+
+def list_consent(
+    session: Session, *, workspace_id: str, contact_id: str, include_history: bool
+) -> list[ConsentView]:
+    get_contact(session, workspace_id=workspace_id, contact_id=contact_id)
+    stmt = select(consents).where(
+        consents.c.workspace_id == workspace_id, consents.c.contact_id == contact_id
+    )
+    if not include_history:
+        stmt = stmt.where(
+            consents.c.id.in_(
+                select(consent_current.c.record_id).where(
+                    consent_current.c.workspace_id == workspace_id, consent_current.c.contact_id == contact_id
+                )
+            )
+        )
+    rows = session.execute(stmt.order_by(consents.c.id)).all()
+    return [_consent_view(r) for r in rows]
+
+
+# -- eligibility ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EligibilityView:
+    contact_id: str
+    eligible: bool
+    reason: int
+    address: str
+    first_name: str
+    last_name: str
+    fields: dict[str, FieldVal]
+
+
+def check_eligibility(
+    session: Session, *, workspace_id: str, contact_ids: Sequence[str], channel: int, message_type: int
+) -> list[EligibilityView]:
+    """One answer per id, in order: two queries per chunk (contacts, current consent), not per id."""
+    found: dict[str, Any] = {}
+    granted: set[str] = set()
+    unique = list(dict.fromkeys(contact_ids))
+    for part in chunks(unique):
+        rows = session.execute(
+            select(
+                contacts.c.id,
+                contacts.c.email,
+                contacts.c.phone,
+                contacts.c.first_name,
+                contacts.c.last_name,
+                contacts.c.status,
+                contacts.c.fields_json,
+            ).where(contacts.c.workspace_id == workspace_id, contacts.c.id.in_(part))
+        ).all()
+        found.update((r.id, r) for r in rows)
+        granted.update(
+            session.execute(
+                select(consent_current.c.contact_id).where(
+                    consent_current.c.workspace_id == workspace_id,
+                    consent_current.c.contact_id.in_(part),
+                    consent_current.c.channel == channel,
+                    consent_current.c.message_type == message_type,
+                    consent_current.c.status == pb.CONSENT_STATUS_GRANTED,
+                )
+            ).scalars()
+        )
+    out = []
+    for contact_id in contact_ids:
+        row = found.get(contact_id)
+        if row is None:
+            out.append(
+                EligibilityView(contact_id, False, pb.INELIGIBLE_REASON_UNKNOWN_CONTACT, "", "", "", {})
+            )
+            continue
+        address = (row.email if channel == common_pb2.CHANNEL_EMAIL else row.phone) or ""
+        if row.status != ACTIVE:
+            reason = pb.INELIGIBLE_REASON_NOT_ACTIVE
+        elif not address:
+            reason = pb.INELIGIBLE_REASON_NO_ADDRESS
+        elif contact_id not in granted:
+            reason = pb.INELIGIBLE_REASON_NO_CONSENT
+        else:
+            reason = pb.INELIGIBLE_REASON_UNSPECIFIED
+        out.append(
+            EligibilityView(
+                contact_id,
+                reason == pb.INELIGIBLE_REASON_UNSPECIFIED,
+                reason,
+                address,
+                row.first_name or "",
+                row.last_name or "",
+                fields_from_json(row.fields_json),
+            )
+        )
+    return out
+
+
+# -- contact events -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EventData:
+    contact_id: str
+    type: str
+    occurred_at: datetime
+    properties: dict[str, Any]
+    message_id: str = ""
+    campaign_id: str = ""
+    node_id: str = ""
+    run_id: str = ""
+    # A deterministic id makes recording idempotent (receipts redelivered by JetStream).
+    event_id: str = ""
+
+
+@dataclass(frozen=True)
+class EventQueryData:
+    contact_id: str
+    type: str
+    node_id: str = ""
+    message_id: str = ""
+    run_id: str = ""
+    since: datetime | None = None
+
+
+def record_events(
+    session: Session, *, workspace_id: str, events: Sequence[EventData], now: datetime
+) -> list[tuple[str, EventData]]:
+    """Store events of known contacts; events of unknown (e.g. deleted) contacts are skipped.
+
+    Returns (event id, event) of what was stored, for publishing.
+    """
+    known: set[str] = set()
+    for part in chunks(list({e.contact_id for e in events})):
+        known.update(
+            session.execute(
+                select(contacts.c.id).where(contacts.c.workspace_id == workspace_id, contacts.c.id.in_(part))
+            ).scalars()
+        )
+    stored = [(e.event_id or ids.new_id(ids.EVENT), e) for e in events if e.contact_id in known]
+    rows = [
+        {
+            "id": event_id,
+            "workspace_id": workspace_id,
+            "contact_id": e.contact_id,
+            "type": e.type,
+            "occurred_at": e.occurred_at,
+            "properties_json": json.dumps(e.properties, separators=(",", ":"), sort_keys=True),
+            "message_id": e.message_id,
+            "campaign_id": e.campaign_id,
+            "node_id": e.node_id,
+            "run_id": e.run_id,
+            "recorded_at": now,
+        }
+        for event_id, e in stored
+    ]
+    dialect = session.get_bind().dialect.name
+    stmt: Any = (
+        postgresql.insert(contact_events) if dialect == "postgresql" else sqlite.insert(contact_events)
+    )
+    stmt = stmt.on_conflict_do_nothing(index_elements=["id"])
+    for row_part in chunks(rows, 1000):
+        session.execute(stmt, list(row_part))
+    return stored
+
+
+def mark_bounced(session: Session, *, workspace_id: str, contact_ids: Sequence[str], now: datetime) -> int:
+    """ACTIVE contacts whose email hard-bounced become BOUNCED; other statuses are kept."""
+    changed = 0
+    for part in chunks(sorted(set(contact_ids))):
+        result = session.execute(
+            update(contacts)
+            .where(
+                contacts.c.workspace_id == workspace_id,
+                contacts.c.id.in_(part),
+                contacts.c.status == ACTIVE,
+            )
+            .values(status=pb.CONTACT_STATUS_BOUNCED, updated_at=now)
+        )
+        changed += int(getattr(result, "rowcount", 0) or 0)
+    return changed
+
+
+def query_events(session: Session, *, workspace_id: str, queries: Sequence[EventQueryData]) -> list[bool]:
+    """Answer every query from one read of the candidate events (per chunk of contacts)."""
+    if not queries:
+        return []
+    types = sorted({q.type for q in queries})
+    since_all = [q.since for q in queries]
+    earliest = None if any(s is None for s in since_all) else min(s for s in since_all if s is not None)
+    seen: dict[tuple[str, str], list[tuple[str, str, str, datetime]]] = {}
+    for part in chunks(sorted({q.contact_id for q in queries})):
+        stmt = select(
+            contact_events.c.contact_id,
+            contact_events.c.type,
+            contact_events.c.node_id,
+            contact_events.c.message_id,
+            contact_events.c.run_id,
+            contact_events.c.occurred_at,
+        ).where(
+            contact_events.c.workspace_id == workspace_id,
+            contact_events.c.contact_id.in_(part),
+            contact_events.c.type.in_(types),
+        )
+        if earliest is not None:
+            stmt = stmt.where(contact_events.c.occurred_at >= earliest)
+        for r in session.execute(stmt):
+            seen.setdefault((r.contact_id, r.type), []).append(
+                (r.node_id, r.message_id, r.run_id, as_utc(r.occurred_at))
+            )
+    answers = []
+    for q in queries:
+        answers.append(
+            any(
+                (not q.node_id or node == q.node_id)
+                and (not q.message_id or message == q.message_id)
+                and (not q.run_id or run == q.run_id)
+                and (q.since is None or at >= q.since)
+                for node, message, run, at in seen.get((q.contact_id, q.type), [])
+            )
+        )
+    return answers
+
+
+# -- capabilities ---------------------------------------------------------------------------------
+
+
+def contact_phones(
+    session: Session, *, workspace_id: str, contact_ids: Sequence[str]
+) -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for part in chunks(list(dict.fromkeys(contact_ids))):
+        rows = session.execute(
+            select(contacts.c.id, contacts.c.phone).where(
+                contacts.c.workspace_id == workspace_id, contacts.c.id.in_(part)
+            )
+        ).all()
+        out.update((r.id, r.phone) for r in rows)
+    return out
+
+
+def cached_capabilities(
+    session: Session, *, workspace_id: str, addresses: Sequence[str], fresh_after: datetime
+) -> dict[str, tuple[bool, datetime]]:
+    out: dict[str, tuple[bool, datetime]] = {}
+    for part in chunks(sorted(set(addresses))):
+        rows = session.execute(
+            select(capabilities.c.address, capabilities.c.rcs_capable, capabilities.c.checked_at).where(
+                capabilities.c.workspace_id == workspace_id,
+                capabilities.c.address.in_(part),
+                capabilities.c.checked_at >= fresh_after,
+            )
+        ).all()
+        out.update((r.address, (bool(r.rcs_capable), as_utc(r.checked_at))) for r in rows)
+    return out
+
+
+def store_capabilities(
+    session: Session, *, workspace_id: str, results: dict[str, bool], now: datetime
+) -> None:
+    _upsert(
+        session,
+        capabilities,
+        [
+            {"workspace_id": workspace_id, "address": a, "rcs_capable": capable, "checked_at": now}
+            for a, capable in results.items()
+        ],
+        keys=("workspace_id", "address"),
+    )
+
+
+# -- segments -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SegmentView:
+    id: str
+    workspace_id: str
+    name: str
+    filter_proto: bytes
+    created_at: datetime
+    updated_at: datetime
+
+
+def _segment_view(row: Any) -> SegmentView:
+    return SegmentView(
+        row.id,
+        row.workspace_id,
+        row.name,
+        bytes(row.filter_proto),
+        as_utc(row.created_at),
+        as_utc(row.updated_at),
+    )
+
+
+def create_segment(
+    session: Session, *, workspace_id: str, name: str, filter_proto: bytes, now: datetime
+) -> SegmentView:
+    segment_id = ids.new_id(ids.SEGMENT)
+    session.execute(
+        insert(segments).values(
+            id=segment_id,
+            workspace_id=workspace_id,
+            name=name,
+            filter_proto=filter_proto,
+            created_at=now,
+            updated_at=now,
+        )
+    )
+    return get_segment(session, workspace_id=workspace_id, segment_id=segment_id)
+
+
+def get_segment(session: Session, *, workspace_id: str, segment_id: str) -> SegmentView:
+    row = session.execute(
+        select(segments).where(segments.c.workspace_id == workspace_id, segments.c.id == segment_id)
+    ).first()
+    if row is None:
+        raise NotFound(f"segment {segment_id} not found", reason="segment_not_found")
+    return _segment_view(row)
+
+
+def update_segment(
+    session: Session,
+    *,
+    workspace_id: str,
+    segment_id: str,
+    name: str | None,
+    filter_proto: bytes | None,
+    now: datetime,
+) -> SegmentView:
+    get_segment(session, workspace_id=workspace_id, segment_id=segment_id)
+    values: dict[str, Any] = {"updated_at": now}
+    if name is not None:
+        values["name"] = name
+    if filter_proto is not None:
+        values["filter_proto"] = filter_proto
+    session.execute(
+        update(segments)
+        .where(segments.c.workspace_id == workspace_id, segments.c.id == segment_id)
+        .values(values)
+    )
+    return get_segment(session, workspace_id=workspace_id, segment_id=segment_id)
+
+
+def delete_segment(session: Session, *, workspace_id: str, segment_id: str) -> None:
+    get_segment(session, workspace_id=workspace_id, segment_id=segment_id)
+    session.execute(
+        delete(segments).where(segments.c.workspace_id == workspace_id, segments.c.id == segment_id)
+    )
+
+
+def list_segments(session: Session, *, workspace_id: str, after: str, limit: int) -> list[SegmentView]:
+    stmt = select(segments).where(segments.c.workspace_id == workspace_id)
+    if after:
+        stmt = stmt.where(segments.c.id > after)
+    return [_segment_view(r) for r in session.execute(stmt.order_by(segments.c.id).limit(limit)).all()]
