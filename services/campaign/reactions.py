@@ -30,29 +30,31 @@ def _each(fn: Callable[[Any], Awaitable[None]]) -> Callable[[list[Delivery[Any]]
 async def start(
     bus: Bus, lifecycle: Lifecycle, stop: asyncio.Event, *, scheduler_interval: float
 ) -> list[asyncio.Task[Any]]:
-    async def progress(p: ev.RunProgress) -> None:
-        await lifecycle.check_completion(p.workspace_id, p.run_id, p)
+    async def progress(deliveries: list[Delivery[ev.RunProgress]]) -> None:
+        # Only the newest progress of each run matters; completion re-reads live counts anyway.
+        latest = {d.payload.run_id: d.payload for d in deliveries}
+        for p in latest.values():
+            await lifecycle.check_completion(p.workspace_id, p.run_id, p)
 
-    routes: list[tuple[str, list[str], type[Message], Callable[[Any], Awaitable[None]]]] = [
+    async def contacts(deliveries: list[Delivery[ev.ContactEvent]]) -> None:
+        await lifecycle.on_contact_events([d.payload for d in deliveries])
+
+    Handler = Callable[[list[Delivery[Any]]], Awaitable[None]]
+    routes: list[tuple[str, list[str], type[Message], Handler]] = [
         ("campaign-progress", [bus.event_subject("execution", "run_progress")], ev.RunProgress, progress),
         (
             "campaign-breaker",
             [bus.event_subject("provider", "breaker_opened")],
             ev.ProviderBreakerChanged,
-            lifecycle.on_breaker,
+            _each(lifecycle.on_breaker),
         ),
         (
             "campaign-balance",
             [bus.event_subject("billing", "balance_exhausted")],
             ev.BalanceEvent,
-            lifecycle.on_balance_exhausted,
+            _each(lifecycle.on_balance_exhausted),
         ),
-        (
-            "campaign-contacts",
-            [bus.subject("shoal.events.contact.>")],
-            ev.ContactEvent,
-            lifecycle.on_contact_event,
-        ),
+        ("campaign-contacts", [bus.subject("shoal.events.contact.>")], ev.ContactEvent, contacts),
     ]
     tasks = []
     for durable, subjects, decode, fn in routes:
@@ -64,8 +66,8 @@ async def start(
                     stream=STREAM_EVENTS,
                     durable=durable,
                     decode=decode,
-                    handler=_each(fn),
-                    batch=100,
+                    handler=fn,
+                    batch=500,
                     fetch_timeout=0.5,
                     stop=stop,
                     max_deliver=20,

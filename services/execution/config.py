@@ -15,6 +15,8 @@ class ExecutionSettings(ServiceSettings):
     # Run the step workers, the timer loop and fan-outs in this process (an API-only replica sets False).
     workers: bool = True
     batch_size: int = Field(default=500, ge=1, le=5000)
+    # Batches in flight per process: while one waits on billing or the provider, another works.
+    worker_concurrency: int = Field(default=4, ge=1, le=64)
     fetch_timeout_seconds: float = Field(default=0.5, gt=0, le=30)
     # A worker that dies mid-node leaves its executions `processing`; after the lease they return.
     lease_seconds: float = Field(default=60.0, ge=1, le=3600)

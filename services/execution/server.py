@@ -62,22 +62,23 @@ async def build(settings: ExecutionSettings, *, namespace: str = "") -> GrpcServ
         timer = TimerLoop(
             db=db, bus=bus, states=states, interval=settings.timer_interval_seconds, renudge=renudge
         )
-        tasks.append(
-            asyncio.create_task(
-                consume(
-                    bus,
-                    stream=STREAM_EXEC,
-                    durable=WORKERS_DURABLE,
-                    decode=events_pb2.StepMessage,
-                    handler=engine.handle,
-                    batch=settings.batch_size,
-                    fetch_timeout=settings.fetch_timeout_seconds,
-                    stop=stop,
-                    max_deliver=settings.max_deliver,
-                ),
-                name="step-worker",
+        for n in range(settings.worker_concurrency):
+            tasks.append(
+                asyncio.create_task(
+                    consume(
+                        bus,
+                        stream=STREAM_EXEC,
+                        durable=WORKERS_DURABLE,
+                        decode=events_pb2.StepMessage,
+                        handler=engine.handle,
+                        batch=settings.batch_size,
+                        fetch_timeout=settings.fetch_timeout_seconds,
+                        stop=stop,
+                        max_deliver=settings.max_deliver,
+                    ),
+                    name=f"step-worker-{n}",
+                )
             )
-        )
         tasks.append(asyncio.create_task(timer.run(stop), name="timers"))
         await fanout.resume_all()
 

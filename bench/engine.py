@@ -1,0 +1,398 @@
+"""Engine benchmark: contacts per second through a flow, every service as its own process.
+
+    .venv/bin/python bench/engine.py                      # 100k SEND->END on SQLite
+    .venv/bin/python bench/engine.py --contacts 20000 --flow send-condition-tag-end
+    .venv/bin/python bench/engine.py --db postgres --postgres-url postgresql://postgres@127.0.0.1/test
+
+It starts the whole mesh with the runner (`python -m shoal.runner --ports auto`) on a fresh data
+folder, imports the audience, and first measures the raw ceiling on the same machine in the same
+run: a bare JetStream fetch -> one batched UPDATE -> publish follow-up -> ack loop over the same
+number of messages, with no Shoal code. Then it launches the campaign and reports contacts/s,
+the ratio to that ceiling, p50/p99 time from launch to a contact's send, and peak RSS per process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import nats
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import (
+    Column,
+    Integer,
+    MetaData,
+    String,
+    bindparam,
+    create_engine,
+    insert,
+    update,
+)
+from sqlalchemy import (
+    Table as SqlTable,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from shoal.db import make_engine  # noqa: E402
+from shoal.v1 import billing_pb2 as bpb  # noqa: E402
+from shoal.v1 import billing_pb2_grpc, campaign_pb2_grpc, segment_pb2_grpc, template_pb2_grpc  # noqa: E402
+from shoal.v1 import campaign_pb2 as cpb  # noqa: E402
+from shoal.v1 import common_pb2 as common  # noqa: E402
+from shoal.v1 import segment_pb2 as spb  # noqa: E402
+from shoal.v1 import template_pb2 as tpb  # noqa: E402
+
+EMAIL, MESSAGE = common.CHANNEL_EMAIL, common.MESSAGE_TYPE_MESSAGE
+console = Console()
+READY = re.compile(r"shoal: ready in")
+
+
+# -- the raw ceiling -----------------------------------------------------------------------------
+
+
+async def raw_ceiling(nats_url: str, db_url: str, count: int, batch: int = 500) -> float:
+    """Messages/s of a bare step loop: fetch, one batched UPDATE, publish follow-up, ack."""
+    engine = make_engine(db_url)
+    meta = MetaData()
+    rows = SqlTable(
+        f"raw_{uuid.uuid4().hex[:8]}",
+        meta,
+        Column("id", String, primary_key=True),
+        Column("state", Integer, nullable=False),
+    )
+    meta.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(insert(rows), [{"id": f"e{i}", "state": 0} for i in range(count)])
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    stream = f"RAW{uuid.uuid4().hex[:8]}"
+    await js.add_stream(name=stream, subjects=[f"{stream}.>"], retention="workqueue")
+    for i in range(0, count, 1000):
+        futs = [
+            await js.publish_async(f"{stream}.step", f"e{j}".encode()) for j in range(i, min(i + 1000, count))
+        ]
+        await asyncio.gather(*futs)
+    sub = await js.pull_subscribe(f"{stream}.step", durable="raw")
+    done = 0
+    t0 = time.perf_counter()
+    stmt = update(rows).where(rows.c.id == bindparam("b_id")).values(state=1)
+    while done < count:
+        msgs = await sub.fetch(batch, timeout=5)
+        ids = [m.data.decode() for m in msgs]
+        with engine.begin() as conn:
+            conn.execute(stmt, [{"b_id": i} for i in ids])
+        futs = [await js.publish_async(f"{stream}.next", i.encode()) for i in ids]
+        await asyncio.gather(*futs)
+        for m in msgs:
+            await m.ack()
+        done += len(msgs)
+    elapsed = time.perf_counter() - t0
+    await js.delete_stream(stream)
+    await nc.close()
+    meta.drop_all(engine)
+    engine.dispose()
+    return count / elapsed
+
+
+# -- the mesh ------------------------------------------------------------------------------------
+
+
+class Mesh:
+    def __init__(self, data: Path, env: dict[str, str]) -> None:
+        self.data = data
+        self.env = env
+        self.proc: subprocess.Popen[str] | None = None
+        self.info: dict[str, Any] = {}
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "shoal.runner",
+                "--ports",
+                "auto",
+                "--fresh",
+                "--data-dir",
+                str(self.data),
+            ],
+            cwd=REPO,
+            env={**os.environ, **self.env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + 90
+        for line in self.proc.stdout:
+            if READY.search(line):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError("mesh not ready in 90 s")
+        else:
+            raise RuntimeError(f"runner exited: {self.proc.wait()}")
+        self.info = json.loads((self.data / "runner.json").read_text())
+
+    def address(self, name: str) -> str:
+        return str(self.info["components"][name]["address"])
+
+    def peak_rss_mb(self) -> dict[str, float]:
+        out = {}
+        for name, comp in self.info["components"].items():
+            try:
+                text = Path(f"/proc/{comp['pid']}/status").read_text()
+            except OSError:
+                continue
+            match = re.search(r"VmHWM:\s+(\d+) kB", text)
+            if match:
+                out[name] = int(match.group(1)) / 1024
+        return out
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """User + system CPU seconds each component has used so far (from /proc)."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        out = {}
+        for name, comp in self.info["components"].items():
+            try:
+                fields = Path(f"/proc/{comp['pid']}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            out[name] = (int(fields[11]) + int(fields[12])) / ticks
+        return out
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def flow_of(kind: str, template_id: str) -> cpb.Flow:
+    send = cpb.Step(
+        id="s1",
+        send=cpb.SendStep(
+            channel=EMAIL, message_type=MESSAGE, template=tpb.TemplateRef(template_id=template_id)
+        ),
+    )
+    end = cpb.Step(id="e1", end=cpb.EndStep())
+    if kind == "send-end":
+        return cpb.Flow(steps=[send, end])
+    tag = cpb.Step(id="t1", tag=cpb.TagStep(tag="reached", action=cpb.TAG_ACTION_ADD))
+    condition = cpb.Step(
+        id="c1",
+        condition=cpb.ConditionStep(
+            predicate=cpb.Predicate(channel_used=cpb.ChannelUsedPredicate(node_id="s1", channel=EMAIL)),
+            yes=cpb.Branch(steps=[tag, end]),
+            no=cpb.Branch(steps=[cpb.Step(id="e2", end=cpb.EndStep())]),
+        ),
+    )
+    return cpb.Flow(steps=[send, condition])
+
+
+async def run_campaign(mesh: Mesh, contacts: int, flow_kind: str, ws: str) -> dict[str, Any]:
+    chans = {
+        n: grpc.aio.insecure_channel(
+            mesh.address(n),
+            options=[
+                ("grpc.max_receive_message_length", 64 << 20),
+                ("grpc.max_send_message_length", 64 << 20),
+            ],
+        )
+        for n in ("segment", "template", "billing", "campaign")
+    }
+    seg = segment_pb2_grpc.SegmentServiceStub(chans["segment"])
+    tpl = template_pb2_grpc.TemplateServiceStub(chans["template"])
+    bil = billing_pb2_grpc.BillingServiceStub(chans["billing"])
+    cmp_ = campaign_pb2_grpc.CampaignServiceStub(chans["campaign"])
+    t0 = time.perf_counter()
+    for start in range(0, contacts, 10_000):
+        batch = [
+            spb.ContactInput(
+                external_id=f"x{i}",
+                email=f"c{i}@example.com",
+                first_name=f"C{i}",
+                tags=["bench"],
+                consents=[
+                    spb.ConsentInput(
+                        channel=EMAIL, message_type=MESSAGE, status=spb.CONSENT_STATUS_GRANTED, source="bench"
+                    )
+                ],
+            )
+            for i in range(start, min(start + 10_000, contacts))
+        ]
+        await seg.ImportContacts(spb.ImportContactsRequest(workspace_id=ws, contacts=batch), timeout=600)
+    import_rate = contacts / (time.perf_counter() - t0)
+    segment = await seg.CreateSegment(
+        spb.CreateSegmentRequest(
+            workspace_id=ws, name="bench", filter=spb.Filter(tag=spb.TagCondition(tag="bench"))
+        )
+    )
+    template = await tpl.CreateTemplate(
+        tpb.CreateTemplateRequest(
+            workspace_id=ws,
+            name="bench",
+            channel=EMAIL,
+            message_type=MESSAGE,
+            content=tpb.TemplateContent(
+                email=tpb.EmailContent(subject="Hi {{ contact.first_name }}", html="<p>Hello</p>")
+            ),
+            variables=[tpb.Variable(name="contact.first_name", type=tpb.VARIABLE_TYPE_STRING, required=True)],
+        )
+    )
+    await tpl.PublishTemplate(
+        tpb.PublishTemplateRequest(workspace_id=ws, template_id=template.template.id, version=1)
+    )
+    # Price 0 keeps a million sends inside the default balance limit; holds and captures still happen.
+    await bil.SetPrice(
+        bpb.SetPriceRequest(
+            workspace_id=ws,
+            price=bpb.Price(channel=EMAIL, message_type=MESSAGE, unit=common.BILLING_UNIT_EMAIL, cents=0),
+        )
+    )
+    await bil.TopUp(bpb.TopUpRequest(workspace_id=ws, amount_cents=10_000))
+    created = await cmp_.CreateCampaign(
+        cpb.CreateCampaignRequest(
+            workspace_id=ws,
+            name="bench",
+            segment_id=segment.segment.id,
+            trigger=cpb.Trigger(manual=cpb.ManualTrigger()),
+            flow=flow_of(flow_kind, template.template.id),
+        )
+    )
+    cpu_before = mesh.cpu_seconds()
+    launch_wall = time.time()
+    t_launch = time.perf_counter()
+    await cmp_.StartCampaign(cpb.StartCampaignRequest(workspace_id=ws, campaign_id=created.campaign.id))
+    while True:
+        status = await cmp_.GetCampaignStatus(
+            cpb.GetCampaignStatusRequest(workspace_id=ws, campaign_id=created.campaign.id)
+        )
+        if status.state in (cpb.CAMPAIGN_STATE_COMPLETED, cpb.CAMPAIGN_STATE_COMPLETED_PARTIAL):
+            break
+        await asyncio.sleep(0.2)  # a benchmark's progress poll, not a test synchronisation
+    elapsed = time.perf_counter() - t_launch
+    cpu_after = mesh.cpu_seconds()
+    cpu_us = {n: (cpu_after[n] - cpu_before.get(n, 0.0)) * 1e6 / contacts for n in cpu_after}
+    latencies = await first_send_latencies(mesh, launch_wall)
+    for ch in chans.values():
+        await ch.close()
+    return {
+        "contacts_per_s": contacts / elapsed,
+        "seconds": elapsed,
+        "import_per_s": import_rate,
+        "completed": status.counts.completed,
+        "latency": latencies,
+        "cpu_us": cpu_us,
+    }
+
+
+async def first_send_latencies(mesh: Mesh, launch_wall: float) -> tuple[float, float]:
+    """p50/p99 seconds from launch to the carrier accepting each contact's message."""
+    from datetime import datetime
+
+    address = str(mesh.info["components"]["sandbox"]["address"])
+    url = address if address.startswith("http") else f"http://{address}"
+    stamps: list[float] = []
+    after = 0
+    async with httpx.AsyncClient(timeout=60) as client:
+        while True:
+            page = (await client.get(f"{url}/v1/messages", params={"limit": 1000, "after": after})).json()
+            stamps.extend(
+                datetime.fromisoformat(m["accepted_at"]).timestamp() - launch_wall for m in page["messages"]
+            )
+            if not page.get("next_after"):
+                break
+            after = page["next_after"]
+    stamps.sort()
+    if not stamps:
+        return (0.0, 0.0)
+    return stamps[len(stamps) // 2], stamps[min(len(stamps) - 1, int(len(stamps) * 0.99))]
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--contacts", type=int, default=100_000)
+    parser.add_argument("--flow", choices=["send-end", "send-condition-tag-end"], default="send-end")
+    parser.add_argument("--db", choices=["sqlite", "postgres"], default="sqlite")
+    parser.add_argument("--postgres-url", default="postgresql://postgres@127.0.0.1:5432/test")
+    args = parser.parse_args()
+
+    data = Path(tempfile.mkdtemp(prefix="shoal-bench-"))
+    env = {"SHOAL_LOG_LEVEL": "WARNING"}
+    pg_dbs: list[str] = []
+    if args.db == "postgres":
+        admin = create_engine(
+            args.postgres_url.replace("postgresql://", "postgresql+psycopg://"), isolation_level="AUTOCOMMIT"
+        )
+        with admin.connect() as conn:
+            from sqlalchemy import text
+
+            for svc in ("segment", "template", "billing", "campaign", "execution", "raw"):
+                name = f"bench_{svc}_{uuid.uuid4().hex[:6]}"
+                conn.execute(text(f'CREATE DATABASE "{name}"'))
+                pg_dbs.append(name)
+                if svc != "raw":
+                    env[f"SHOAL_{svc.upper()}_DATABASE_URL"] = (
+                        args.postgres_url.rsplit("/", 1)[0] + "/" + name
+                    )
+    mesh = Mesh(data / "mesh", env)
+    mesh.start()
+    try:
+        nats_url = mesh.info["nats"]["url"]
+        raw_db = (
+            (args.postgres_url.rsplit("/", 1)[0] + "/" + pg_dbs[-1])
+            if pg_dbs
+            else f"sqlite:///{data / 'raw.db'}"
+        )
+        ceiling = await raw_ceiling(nats_url, raw_db, min(args.contacts, 100_000))
+        result = await run_campaign(
+            mesh, args.contacts, args.flow, mesh.info.get("workspace_id", "ws_default")
+        )
+        rss = mesh.peak_rss_mb()
+    finally:
+        mesh.stop()
+        if pg_dbs:
+            with admin.connect() as conn:
+                for name in pg_dbs:
+                    conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+    table = Table(title=f"Shoal engine: {args.contacts:,} contacts, {args.flow}, {args.db}")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_row("raw ceiling (fetch -> UPDATE -> publish -> ack)", f"{ceiling:,.0f} msg/s")
+    table.add_row("Shoal, launch to COMPLETED", f"{result['contacts_per_s']:,.0f} contacts/s")
+    table.add_row("ratio to the ceiling", f"{result['contacts_per_s'] / ceiling:.2f}")
+    table.add_row("run time", f"{result['seconds']:.1f} s")
+    table.add_row("completed", f"{result['completed']:,}")
+    table.add_row("launch -> send p50 / p99", f"{result['latency'][0]:.2f} s / {result['latency'][1]:.2f} s")
+    table.add_row("import (ImportContacts, 10k per call)", f"{result['import_per_s']:,.0f} contacts/s")
+    for name, us in sorted(result["cpu_us"].items(), key=lambda kv: -kv[1]):
+        table.add_row(f"CPU per contact: {name}", f"{us:,.0f} µs")
+    table.add_row("CPU per contact: all processes", f"{sum(result['cpu_us'].values()):,.0f} µs")
+    for name, mb in sorted(rss.items()):
+        table.add_row(f"peak RSS {name}", f"{mb:,.0f} MB")
+    console.print(table)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
