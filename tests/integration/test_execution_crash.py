@@ -86,6 +86,7 @@ async def _completed(m: Mesh, campaign_id: str) -> Any:
     return reply if reply.state == cpb.CAMPAIGN_STATE_COMPLETED else None
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(420)
 async def test_worker_killed_three_times(nats_url: str, tmp_path: Path) -> None:
     async with mesh(
@@ -104,6 +105,7 @@ async def test_worker_killed_three_times(nats_url: str, tmp_path: Path) -> None:
         await assert_exactly_once(m, campaign_id)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(420)
 async def test_nats_restarted_mid_run(tmp_path: Path) -> None:
     with NatsServer(store_dir=tmp_path / "nats") as server:
