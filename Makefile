@@ -36,10 +36,10 @@ protos: $(STAMP) ## regenerate libs/shoal/v1 from protos/ (also done by install)
 	$(BIN)/python -m shoal.protos
 	@touch $(GENERATED)
 
-lint: install ## ruff, mypy (strict on libs/ and services/), buf lint
+lint: install ## ruff (check + format), mypy strict on libs/shoal and gateway, buf lint
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy libs/shoal
+	$(BIN)/mypy libs/shoal gateway
 	$(BIN)/buf lint
 
 test: install ## the suite CI runs (real NATS, gRPC, SQLite; PostgreSQL when SHOAL_TEST_POSTGRES_URL is set)
