@@ -14,7 +14,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 async def wait_for(
     predicate: Callable[[], Any | Awaitable[Any]],
     *,
-    timeout: float = 10.0,  # noqa: ASYNC109 - the bound is the point of this helper
+    timeout: float = 10.0,
     interval: float = 0.02,
     message: str | Callable[[], str] = "",
 ) -> Any:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import BigInteger, Column, Index, UniqueConstraint
+from sqlalchemy import BigInteger, Boolean, Column, Index, LargeBinary, UniqueConstraint, false, text
 from sqlmodel import Field, SQLModel
 
 from shoal.db import new_registry
@@ -32,6 +32,17 @@ class Account(BillingModel, table=True):
     # Set while free balance is exhausted, so balance_exhausted is published once per episode.
     exhausted: bool = False
     low: bool = False
+    # Auto-reload settings live on the account row: the hold transaction already holds its lock,
+    # so deciding to fire costs no extra query on the hot path.
+    auto_reload_enabled: bool = Field(
+        default=False, sa_column=Column(Boolean, nullable=False, server_default=false())
+    )
+    auto_reload_threshold_cents: int = Field(
+        default=0, sa_column=Column(BigInteger, nullable=False, server_default=text("0"))
+    )
+    auto_reload_amount_cents: int = Field(
+        default=0, sa_column=Column(BigInteger, nullable=False, server_default=text("0"))
+    )
     updated_at: datetime = Field(default_factory=utcnow)
 
 
@@ -72,4 +83,52 @@ class LedgerEntry(BillingModel, table=True):
     free_delta_cents: int = Field(sa_column=Column(BigInteger, nullable=False))
     reserved_delta_cents: int = Field(sa_column=Column(BigInteger, nullable=False))
     key: str | None = Field(default=None, max_length=200)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class AutoReloadAttempt(BillingModel, table=True):
+    """One payment attempt of an auto-reload, written before the payment is called.
+
+    `day` (UTC, YYYY-MM-DD) counts first attempts against the daily cap; a retry points at the
+    attempt it retries (`retry_of`) and does not count again. `key` is the payment's idempotency
+    key, so re-running an attempt interrupted by a crash never charges twice.
+    """
+
+    __tablename__ = "auto_reload_attempts"
+    __table_args__ = (
+        UniqueConstraint("key", name="uq_auto_reload_attempts_key"),
+        Index("ix_auto_reload_attempts_workspace_day", "workspace_id", "day"),
+        Index("ix_auto_reload_attempts_status", "status"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    workspace_id: str = Field(max_length=64)
+    key: str = Field(max_length=200)
+    day: str = Field(max_length=10)
+    amount_cents: int = Field(sa_column=Column(BigInteger, nullable=False))
+    # pending | succeeded | failed
+    status: str = Field(max_length=16)
+    retry_of: int | None = None
+    # Set on a failed first attempt: when its one retry is due.
+    retry_at: datetime | None = None
+    retried: bool = False
+    error: str = Field(default="", max_length=500)
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class OutboxEvent(BillingModel, table=True):
+    """An event written in the transaction that caused it, published after the commit.
+
+    A crash between commit and publish leaves the row unpublished and the background loop sends
+    it; the row id is the Nats-Msg-Id, so two senders racing on one row publish it once.
+    """
+
+    __tablename__ = "outbox"
+    __table_args__ = (Index("ix_outbox_published", "published"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    kind: str = Field(max_length=64)
+    payload: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    published: bool = False
     created_at: datetime = Field(default_factory=utcnow)

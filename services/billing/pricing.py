@@ -25,12 +25,15 @@ DEFAULT_PRICES: dict[PriceKey, int] = {
 }
 
 
+_DEFAULT_UNITS = {
+    _EMAIL: common.BILLING_UNIT_EMAIL,
+    _SMS: common.BILLING_UNIT_SMS_SEGMENT,
+    _RCS: common.BILLING_UNIT_RCS_SINGLE,
+}
+
+
 def default_unit(channel: int) -> int:
-    return {
-        _EMAIL: common.BILLING_UNIT_EMAIL,
-        _SMS: common.BILLING_UNIT_SMS_SEGMENT,
-        _RCS: common.BILLING_UNIT_RCS_SINGLE,
-    }.get(channel, common.BILLING_UNIT_UNSPECIFIED)
+    return _DEFAULT_UNITS.get(channel, common.BILLING_UNIT_UNSPECIFIED)
 
 
 def price_of(
