@@ -68,7 +68,17 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+    engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+
+    @event.listens_for(engine, "connect")
+    def _plan_afresh(dbapi_connection: Any, _record: Any) -> None:
+        # psycopg prepares a statement server-side after 5 runs, and PostgreSQL may then keep a
+        # generic plan made while a table was small: a sequential scan for a key lookup that
+        # grows with the table (measured on billing's holds: 20 ms -> 900 ms per 500-key batch
+        # within one run). Planning each statement afresh costs far less than that.
+        dbapi_connection.prepare_threshold = None
+
+    return engine
 
 
 def migrate(engine: Engine, migrations_dir: Path) -> None:

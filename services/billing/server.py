@@ -6,9 +6,6 @@ import asyncio
 import contextlib
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
-
-from sqlalchemy import event
 
 from services.billing import ledger
 from services.billing.autoreload import AutoReloader, Clock, utc_now
@@ -24,14 +21,6 @@ from shoal.v1 import billing_pb2, billing_pb2_grpc
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-def _no_server_side_prepare(dbapi_connection: Any, _record: Any) -> None:
-    # psycopg prepares a statement server-side after 5 runs, and PostgreSQL may then keep a
-    # generic plan made while `holds` was small: a sequential scan for the key lookup, which
-    # grew with the table (measured: 20 ms -> 900 ms per 500-key batch within one bench run).
-    # Planning each statement afresh costs far less than that.
-    dbapi_connection.prepare_threshold = None
-
-
 async def build(
     settings: BillingSettings,
     *,
@@ -42,10 +31,8 @@ async def build(
     """The billing server, not yet started. `clock` and `payments` are for tests (time travel,
     a gateway of their own); by default the real UTC clock and the sandbox gateway from settings."""
     db = Database(settings.resolved_database_url("billing"), migrations_dir=MIGRATIONS)
-    if not db.sqlite:
-        event.listen(db.engine, "connect", _no_server_side_prepare)
     await db.call(db.migrate)
-    bus = await Bus.connect(settings.nats_url, name="billing", namespace=namespace)
+    bus = await Bus.connect(settings.nats_url, name="billing", namespace=namespace or settings.namespace)
     await bus.ensure_streams()
     outbox = Outbox(db=db, bus=bus)
     defaults = ledger.Defaults(
