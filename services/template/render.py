@@ -466,6 +466,31 @@ def render(
         return pb.RenderedMessage(key=context.key, error=str(exc))
 
 
+def flatten_to_sms(message: pb.RenderedMessage) -> pb.RenderedMessage:
+    """An RCS message as its SMS fallback: the rich parts become lines of plain text.
+
+    Card titles and descriptions follow the text; a suggestion becomes "text: url" when it opens
+    a link (a reply chip is meaningless in SMS, so reply-only suggestions are dropped).
+    """
+    if message.error:
+        return message
+    lines = [message.text] if message.text else []
+    cards = ([message.rich_card] if message.HasField("rich_card") else []) + list(message.carousel)
+    for card in cards:
+        lines.extend(part for part in (card.title, card.description) if part)
+        lines.extend(f"{s.text}: {s.url}" for s in card.suggestions if s.url)
+    lines.extend(f"{s.text}: {s.url}" for s in message.suggestions if s.url)
+    text = "\n".join(lines)
+    if len(text) > SMS_TEXT_MAX:
+        return pb.RenderedMessage(
+            key=message.key, error=f"text: SMS fallback longer than {SMS_TEXT_MAX} characters"
+        )
+    size = sms.measure(text)
+    return pb.RenderedMessage(
+        key=message.key, text=text, billing_unit=common.BILLING_UNIT_SMS_SEGMENT, units=size.segments
+    )
+
+
 def _render(template: CompiledTemplate, context: pb.RenderContext, *, sample: bool) -> pb.RenderedMessage:
     values = _resolve(template, context, sample=sample)
     channel = template.channel

@@ -12,6 +12,7 @@ from services.template import render
 from services.template.catalog import Catalog, LaunchCheck
 from services.template.repo import TemplateRecord, VersionRecord
 from shoal.errors import InvalidArgument
+from shoal.v1 import common_pb2 as common
 from shoal.v1 import template_pb2 as pb
 from shoal.v1 import template_pb2_grpc
 
@@ -164,12 +165,19 @@ class TemplateServicer(template_pb2_grpc.TemplateServiceServicer):  # type: igno
         )
         compiled = item.compiled
         contexts = request.contexts
+        if request.as_sms and compiled.channel != common.CHANNEL_RCS:
+            raise InvalidArgument.of("as_sms", "an SMS fallback is rendered from an RCS template only")
+
+        def render_all() -> list[pb.RenderedMessage]:
+            out = [render.render(compiled, ctx) for ctx in contexts]
+            return [render.flatten_to_sms(m) for m in out] if request.as_sms else out
+
         if len(contexts) < INLINE_RENDER_MAX:
-            messages = [render.render(compiled, ctx) for ctx in contexts]
+            messages = render_all()
         else:
             # A large batch is ~0.1 s of CPU: in a thread, the GIL's switch interval still lets
             # the event loop answer health checks and small calls meanwhile.
-            messages = await asyncio.to_thread(lambda: [render.render(compiled, ctx) for ctx in contexts])
+            messages = await asyncio.to_thread(render_all)
         return pb.RenderBatchResponse(
             version=item.version,
             channel=compiled.channel,  # type: ignore[arg-type]

@@ -872,3 +872,53 @@ async def test_render_batch_size_is_capped(make_stub: StubFactory) -> None:
     err = await rpc_error(render_batch(stub, tpl.id, [ctx(str(i)) for i in range(4)]))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "contexts" in violations(err)
+
+
+async def test_rcs_rendered_as_sms_fallback(stub: Stub) -> None:
+    card = pb.RichCard(
+        title="Sale {{ contact.first_name }}",
+        description="Up to 50% off",
+        media_url="https://example.com/a.png",
+        suggestions=[
+            pb.Suggestion(text="Shop", url="https://example.com/shop"),
+            pb.Suggestion(text="Later", postback="x"),
+        ],
+    )
+    tpl = await create(
+        stub, rcs("Hi!", rich_card=card), channel=RCS, variables=[var("contact.first_name", required=True)]
+    )
+    await publish(stub, tpl.id)
+    as_rcs = await render_batch(stub, tpl.id, [ctx(contact={"first_name": "Ada"})])
+    assert as_rcs.messages[0].billing_unit == common.BILLING_UNIT_RCS_SINGLE
+    reply = await stub.RenderBatch(
+        pb.RenderBatchRequest(
+            workspace_id=WS,
+            template=pb.TemplateRef(template_id=tpl.id),
+            contexts=[ctx(contact={"first_name": "Ada"})],
+            as_sms=True,
+        )
+    )
+    message = reply.messages[0]
+    assert message.text == "Hi!\nSale Ada\nUp to 50% off\nShop: https://example.com/shop"
+    assert not message.HasField("rich_card") and not message.suggestions
+    assert (message.billing_unit, message.units) == (common.BILLING_UNIT_SMS_SEGMENT, 1)
+    # A missing required variable stays an error in the fallback too.
+    failed = await stub.RenderBatch(
+        pb.RenderBatchRequest(
+            workspace_id=WS, template=pb.TemplateRef(template_id=tpl.id), contexts=[ctx()], as_sms=True
+        )
+    )
+    assert "contact.first_name" in failed.messages[0].error
+    sms_tpl = await create(stub, sms("plain"), name="plain")
+    await publish(stub, sms_tpl.id)
+    err = await rpc_error(
+        stub.RenderBatch(
+            pb.RenderBatchRequest(
+                workspace_id=WS,
+                template=pb.TemplateRef(template_id=sms_tpl.id),
+                contexts=[ctx()],
+                as_sms=True,
+            )
+        )
+    )
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "as_sms" in violations(err)
