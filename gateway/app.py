@@ -17,18 +17,27 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import RedirectResponse
 
 from gateway import errors
+from gateway.auth import Authenticator
 from gateway.backends import Backends
+from gateway.body_limit import BodyLimit
 from gateway.config import GatewaySettings
-from gateway.routers import campaigns, health
+from gateway.keys import MIGRATIONS
+from gateway.routers import campaigns, health, providers
 from gateway.telemetry import telemetry_config
+from shoal.db import Database
 
 DESCRIPTION = """
 The Shoal REST API: campaigns, their runs and status.
 
 Conventions:
+- `Authorization: Bearer <API key>` on every route but the health probes, the docs and signed
+  provider callbacks. A key belongs to one workspace and carries scopes (`campaigns:read`,
+  `campaigns:trigger`, `campaigns:write`, `contacts:write`, `billing:write`, `admin`), optionally
+  restricted to listed campaigns. Requests are rate limited per key (429 with `Retry-After`).
 - Every error answers `{error, message, details: [{field, message}]}`, where `error` is a stable
-  code: 400 invalid request, 402 insufficient balance, 403 not allowed, 404 unknown, 409 wrong
-  state or conflict, 5xx ours.
+  code: 400 invalid request, 401 no or bad key, 402 insufficient balance, 403 not allowed,
+  404 unknown, 409 wrong state or conflict, 422 a semantic rule broken, 429 rate limited,
+  5xx ours.
 - Money is in integer cents (EUR), never a float.
 - Campaign ids are UUIDs.
 """
@@ -54,7 +63,10 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     )
     for path in schema.get("paths", {}).values():
         for operation in path.values():
-            operation.get("responses", {}).pop("422", None)
+            responses = operation.get("responses", {})
+            # Only FastAPI's own 422 goes; a route's documented 422 (a semantic rule) stays.
+            if "HTTPValidationError" in str(responses.get("422", "")):
+                responses.pop("422")
     for name in ("HTTPValidationError", "ValidationError"):
         schema.get("components", {}).get("schemas", {}).pop(name, None)
     app.openapi_schema = schema
@@ -64,12 +76,18 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 def create_app(settings: GatewaySettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        keys = Database(settings.resolved_database_url(), migrations_dir=MIGRATIONS)
+        await keys.call(keys.migrate)
+        auth = Authenticator(keys, settings.rate_limit)
         backends = Backends.open(settings)
         app.state.backends = backends
+        app.state.auth = auth
+        app.state.receipts = providers.ReceiptIngest(settings)
         try:
             yield
         finally:
             await backends.close()
+            await keys.close()
 
     app = FastAPI(
         title="Shoal API",
@@ -79,13 +97,18 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         telemetry=telemetry_config(),
         openapi_tags=[
             {"name": "campaigns", "description": "Campaign status and operations"},
+            {"name": "providers", "description": "Signed callbacks from channel providers"},
             {"name": "health", "description": "Liveness and readiness probes"},
         ],
     )
     app.state.settings = settings
     errors.install(app)
+    app.add_middleware(
+        BodyLimit, max_bytes=settings.max_body_bytes, callback_max_bytes=settings.callback_max_bytes
+    )
     app.include_router(health.router)
     app.include_router(campaigns.router)
+    app.include_router(providers.router)
 
     @app.get("/", include_in_schema=False)
     async def root() -> RedirectResponse:

@@ -1,23 +1,29 @@
-"""The gateway's gRPC clients: one channel per service it calls, opened in the app's lifespan.
+"""The gateway's clients: one gRPC channel per service it calls and the NATS bus, opened in the
+app's lifespan.
 
 Channels are created inside the running event loop (grpc.aio binds a channel to the loop that
-first uses it) and closed on shutdown, so no call outlives the app.
+first uses it) and closed on shutdown, so no call outlives the app. The bus connects on first
+use (only provider callbacks publish), so the REST API does not depend on NATS being up.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 
 import grpc
 from fastapi import Request
 
 from gateway.config import GatewaySettings
+from shoal.bus import Bus
 from shoal.grpc import channel
-from shoal.v1 import campaign_pb2, campaign_pb2_grpc
+from shoal.v1 import campaign_pb2, campaign_pb2_grpc, execution_pb2, execution_pb2_grpc
 
 CAMPAIGN_SERVICE = campaign_pb2.DESCRIPTOR.services_by_name["CampaignService"].full_name
+EXECUTION_SERVICE = execution_pb2.DESCRIPTOR.services_by_name["ExecutionService"].full_name
 # Reads only: retrying them on UNAVAILABLE can never do a thing twice.
 CAMPAIGN_IDEMPOTENT = ("GetCampaign", "ListCampaigns", "GetCampaignStatus", "ListRuns", "ListTransitions")
+EXECUTION_IDEMPOTENT = ("GetExecution", "ListExecutions", "GetRunCounts", "ListSends")
 
 
 @dataclass
@@ -27,6 +33,10 @@ class Backends:
     # Health checks go over a plain channel: no trace per probe, no retries hiding an outage.
     campaign_health_channel: grpc.aio.Channel
     campaigns: campaign_pb2_grpc.CampaignServiceStub
+    execution_channel: grpc.aio.Channel
+    executions: execution_pb2_grpc.ExecutionServiceStub
+    _bus: Bus | None = None
+    _bus_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @classmethod
     def open(cls, settings: GatewaySettings) -> Backends:
@@ -36,16 +46,36 @@ class Backends:
             service=CAMPAIGN_SERVICE,
             idempotent_methods=CAMPAIGN_IDEMPOTENT,
         )
+        execution_channel = channel(
+            settings.execution_addr,
+            deadline=settings.grpc_deadline_seconds,
+            service=EXECUTION_SERVICE,
+            idempotent_methods=EXECUTION_IDEMPOTENT,
+        )
         return cls(
             settings=settings,
             campaign_channel=campaign_channel,
             campaign_health_channel=grpc.aio.insecure_channel(settings.campaign_addr),
             campaigns=campaign_pb2_grpc.CampaignServiceStub(campaign_channel),
+            execution_channel=execution_channel,
+            executions=execution_pb2_grpc.ExecutionServiceStub(execution_channel),
         )
 
+    async def bus(self) -> Bus:
+        """The NATS bus, connected on first use (raises when NATS cannot be reached)."""
+        async with self._bus_lock:
+            if self._bus is None:
+                self._bus = await Bus.connect(
+                    self.settings.nats_url, name="gateway", namespace=self.settings.namespace
+                )
+            return self._bus
+
     async def close(self) -> None:
+        if self._bus is not None:
+            await self._bus.close()
         await self.campaign_channel.close()
         await self.campaign_health_channel.close()
+        await self.execution_channel.close()
 
 
 def get_backends(request: Request) -> Backends:

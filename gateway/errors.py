@@ -40,6 +40,9 @@ _STATUS_BY_CODE: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
 
+# Codes clearer than the status phrase (413's phrase changed between Python versions).
+_HTTP_CODES = {413: "payload_too_large"}
+
 _GENERIC_5XX: dict[int, tuple[str, str]] = {
     500: ("internal", "internal error; it has been logged"),
     503: ("unavailable", "a backend service is unavailable; retry later"),
@@ -60,6 +63,34 @@ class ErrorBody(BaseModel):
     details: list[ErrorDetail] = Field(default_factory=list)
 
 
+class RateLimitedBody(ErrorBody):
+    """429: the error shape plus when to come back (also in the `Retry-After` header)."""
+
+    retry_after: int = Field(ge=1, description="Seconds until the key may call again")
+
+
+class ApiError(Exception):
+    """An answer the gateway itself decides (auth, limits, callbacks), in the error shape."""
+
+    def __init__(
+        self,
+        status: int,
+        error: str,
+        message: str,
+        headers: Mapping[str, str] | None = None,
+        *,
+        details: Sequence[ErrorDetail] = (),
+        retry_after: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error = error
+        self.message = message
+        self.headers = dict(headers or {})
+        self.details = list(details)
+        self.retry_after = retry_after
+
+
 def error_response(
     status: int,
     error: str,
@@ -75,6 +106,9 @@ def http_status_for(error: ShoalError) -> int:
     """The HTTP status of a domain error: the reason decides before the code (402 vs 409)."""
     if error.reason == "insufficient_balance":
         return 402
+    if error.reason == "launch_blocked":
+        # The flow or its templates break a launch rule: the request was fine, the content is not.
+        return 422
     return _STATUS_BY_CODE.get(error.code, 500)
 
 
@@ -109,7 +143,7 @@ async def _on_http(request: Request, exc: Exception) -> JSONResponse:
     if status >= 500:
         code, message = _GENERIC_5XX.get(status, _GENERIC_5XX[500])
         return error_response(status, code, message)
-    code = HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
+    code = _HTTP_CODES.get(status) or HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
     message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(status).phrase
     return error_response(status, code, message, headers=exc.headers)
 
@@ -126,6 +160,16 @@ async def _on_rpc(request: Request, exc: Exception) -> JSONResponse:
     return await _on_domain(request, from_rpc_error(exc))
 
 
+async def _on_api(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    if exc.retry_after is not None:
+        body = RateLimitedBody(
+            error=exc.error, message=exc.message, details=exc.details, retry_after=exc.retry_after
+        )
+        return JSONResponse(status_code=exc.status, content=body.model_dump(), headers=exc.headers)
+    return error_response(exc.status, exc.error, exc.message, exc.details, exc.headers)
+
+
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.error("%s %s: unhandled error", request.method, request.url.path, exc_info=exc)
     return error_response(500, *_GENERIC_5XX[500])
@@ -136,5 +180,6 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _on_validation)
     app.add_exception_handler(StarletteHTTPException, _on_http)
     app.add_exception_handler(ShoalError, _on_domain)
+    app.add_exception_handler(ApiError, _on_api)
     app.add_exception_handler(grpc.aio.AioRpcError, _on_rpc)
     app.add_exception_handler(Exception, _on_unexpected)

@@ -25,6 +25,7 @@ import enum
 import importlib.util
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -49,6 +50,9 @@ HOST = "127.0.0.1"
 # 4222 belongs to a system-wide NATS on many machines: the private one must never take it.
 NATS_DEFAULT_PORT = 4322
 RUNNER_FILE = "runner.json"
+# The HMAC secret the sandbox signs its receipt callbacks with and the gateway checks them by.
+CALLBACK_SECRET_FILE = "sandbox-callback.secret"  # noqa: S105  # a file name, not a secret
+CALLBACK_PATH = "/v1/providers/sandbox/events"
 LOG_TAIL_LINES = 40
 
 EXIT_OK = 0
@@ -148,6 +152,10 @@ class Plan:
     stop_timeout: float
     workspace_id: str
     reaped: list[int] = field(default_factory=list)
+    # Shared by the sandbox (signs) and the gateway (verifies); kept in the data folder, 0600.
+    callback_secret: str = ""
+    # Created on a fresh key store and printed once in the table; never written anywhere.
+    admin_key: str | None = None
 
     @property
     def log_dir(self) -> Path:
@@ -155,6 +163,12 @@ class Plan:
 
     def sandbox_url(self) -> str:
         return f"http://{HOST}:{self.ports['sandbox']}"
+
+    def gateway_url(self) -> str:
+        return f"http://{HOST}:{self.ports['gateway']}"
+
+    def selected(self, name: str) -> bool:
+        return any(c.name == name for c in self.components)
 
     def nats_url(self) -> str:
         return f"nats://{HOST}:{self.nats_port}"
@@ -389,6 +403,21 @@ def make_plan(
     )
 
 
+def callback_secret(data_dir: Path) -> str:
+    """The data folder's callback secret, made (random, 256 bits, mode 0600) on first use."""
+    path = data_dir / CALLBACK_SECRET_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        # Whatever made it, only the owner may read it from here on.
+        path.chmod(0o600)
+        return path.read_text().strip()
+    secret = secrets.token_urlsafe(32)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secret + "\n")
+    return secret
+
+
 def child_argv(plan: Plan, component: Component) -> list[str]:
     argv = [sys.executable, "-m", component.module]
     if component.kind == "nats":
@@ -418,6 +447,13 @@ def child_env(plan: Plan, component: Component) -> dict[str, str]:
         env[f"{component.env_prefix}{key}"] = value
     env[f"{component.env_prefix}HOST"] = HOST
     env[f"{component.env_prefix}PORT"] = str(plan.ports[component.name])
+    if plan.callback_secret and plan.selected("gateway"):
+        # Receipts go to the gateway only when it runs; a lone sandbox keeps them to itself.
+        if component.name == "sandbox":
+            env["SHOAL_SANDBOX_CALLBACK_URL"] = plan.gateway_url() + CALLBACK_PATH
+            env["SHOAL_SANDBOX_CALLBACK_SECRET"] = plan.callback_secret
+        elif component.name == "gateway":
+            env["SHOAL_GATEWAY_SANDBOX_CALLBACK_SECRET"] = plan.callback_secret
     return env
 
 
@@ -523,13 +559,65 @@ class Runner:
             with contextlib.suppress(asyncio.CancelledError, StartError, TimeoutError):
                 await probe
 
+    async def bootstrap_keys(self, within: float) -> None:
+        """An admin key when the gateway's key store is new (`python -m gateway.keys bootstrap`).
+
+        A child process, beside the first stages: it pays for its imports and the migration
+        while the services start, and the key reaches the runner through a pipe only.
+        """
+        gateway = next(c for c in self.plan.components if c.name == "gateway")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "gateway.keys",
+            "bootstrap",
+            "--workspace",
+            self.plan.workspace_id,
+            env=child_env(self.plan, gateway),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), timeout=max(within, 0.1))
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise StartError("gateway", "the API key store did not open in time") from None
+        if proc.returncode != 0:
+            tail = err.decode(errors="replace").strip().splitlines()[-5:]
+            raise StartError("gateway", "the API key store failed: " + " | ".join(tail))
+        self.plan.admin_key = json.loads(out or b"{}").get("key")
+
     async def start_all(self) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.plan.budget
         self.plan.log_dir.mkdir(parents=True, exist_ok=True)
         preexec = _parent_death_hook()
         everything = [NATS, *self.plan.components]
+        gateway_stage = next((c.stage for c in self.plan.components if c.name == "gateway"), None)
+        keys = None
+        if gateway_stage is not None:
+            keys = asyncio.create_task(self.bootstrap_keys(deadline - loop.time()))
+        try:
+            await self._start_stages(everything, deadline, preexec, gateway_stage, keys)
+        finally:
+            if keys is not None and not keys.done():
+                keys.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StartError):
+                    await keys
+
+    async def _start_stages(
+        self,
+        everything: list[Component],
+        deadline: float,
+        preexec: Callable[[], None] | None,
+        gateway_stage: int | None,
+        keys: asyncio.Task[None] | None,
+    ) -> None:
         for stage in sorted({c.stage for c in everything}):
+            if stage == gateway_stage and keys is not None:
+                await keys
             batch = [self.spawn(c, preexec) for c in everything if c.stage == stage]
             waits = [asyncio.create_task(self.wait_ready(child, deadline)) for child in batch]
             done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_EXCEPTION)
@@ -657,9 +745,20 @@ class Runner:
             table.add_row("sandbox carrier", info["components"]["sandbox"]["address"])
         table.add_row("NATS", str(info["nats"]["url"]))
         table.add_row("Workspace", self.plan.workspace_id)
+        if self.plan.admin_key:
+            # The key itself goes on a line of its own below: a table cell would cut or fold it.
+            table.add_row("Admin API key", "new, printed below (shown once: store it now)")
+        elif self.plan.selected("gateway"):
+            table.add_row("API keys", "python -m gateway.keys create --help")
         table.add_row("Data", info["data_dir"])
         table.add_row("Logs", info["log_dir"])
         self.console.print(table)
+        if self.plan.admin_key:
+            self.console.print(
+                f"shoal: admin API key of {self.plan.workspace_id}: {self.plan.admin_key}",
+                markup=False,
+                highlight=False,
+            )
 
     def report_failure(self, exc: StartError) -> None:
         self.errors.print(f"shoal: {exc.name} failed to start: {exc.reason}")
@@ -739,6 +838,8 @@ def run(
         shutil.rmtree(plan.data_dir)
         console.print(f"shoal: wiped {plan.data_dir}")
     plan.data_dir.mkdir(parents=True, exist_ok=True)
+    if plan.selected("gateway"):
+        plan.callback_secret = callback_secret(plan.data_dir)
 
     async def main() -> int:
         runner = Runner(plan=plan, console=console, errors=errors)

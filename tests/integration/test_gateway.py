@@ -1,7 +1,8 @@
 """The REST gateway in-process against a real grpc.aio campaign server on a free port.
 
-The campaign service is a stand-in servicer (only GetCampaignStatus) served by the kit's own
-`GrpcServer`, so domain errors travel as rich gRPC statuses exactly as a real service sends them.
+The campaign service is a stand-in servicer (status, trigger, pause, resume) served by the kit's
+own `GrpcServer`, so domain errors travel as rich gRPC statuses exactly as a real service sends
+them. Every request carries an API key made in the gateway's own (temporary) key store.
 """
 
 from __future__ import annotations
@@ -9,17 +10,22 @@ from __future__ import annotations
 import contextlib
 import socket
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from gateway.app import create_app
 from gateway.backends import CAMPAIGN_SERVICE
 from gateway.config import GatewaySettings
+from gateway.keys import create_key, revoke_key
 from shoal.errors import (
     FailedPrecondition,
+    FieldViolation,
     InsufficientBalance,
     InvalidArgument,
     NotFound,
@@ -40,13 +46,48 @@ FAILURES: dict[str, Exception] = {
     "00000000-0000-4000-8000-000000000402": InsufficientBalance("free balance 100 < estimated cost 250"),
     "00000000-0000-4000-8000-000000000403": PermissionDenied("workspace may not read this campaign"),
     "00000000-0000-4000-8000-000000000409": FailedPrecondition("campaign is archived"),
+    "00000000-0000-4000-8000-000000000422": FailedPrecondition(
+        "campaign cannot launch: s1: template tpl_1 is not published",
+        reason="launch_blocked",
+        violations=[FieldViolation("steps.0.send.template", "s1: template_published: not published")],
+    ),
     "00000000-0000-4000-8000-000000000500": RuntimeError("boom: secret internals at /srv/db"),
 }
 
 
 class StandInCampaigns(campaign_pb2_grpc.CampaignServiceServicer):  # type: ignore[misc]  # generated, untyped
     def __init__(self) -> None:
-        self.requests: list[campaign_pb2.GetCampaignStatusRequest] = []
+        self.requests: list[Any] = []
+
+    def _fail(self, request: Any) -> None:
+        self.requests.append(request)
+        if request.campaign_id in FAILURES:
+            raise FAILURES[request.campaign_id]
+        if request.campaign_id not in (KNOWN, DRAFT):
+            raise NotFound(f"campaign {request.campaign_id} not found")
+
+    async def TriggerCampaign(
+        self, request: campaign_pb2.TriggerCampaignRequest, context: Any
+    ) -> campaign_pb2.TriggerCampaignResponse:
+        self._fail(request)
+        replayed = request.idempotency_key == "seen-before"
+        return campaign_pb2.TriggerCampaignResponse(
+            run_id="run_first" if replayed else "run_new",
+            state=campaign_pb2.CAMPAIGN_STATE_RUNNING,
+            replayed=replayed,
+        )
+
+    async def PauseCampaign(
+        self, request: campaign_pb2.PauseCampaignRequest, context: Any
+    ) -> campaign_pb2.PauseCampaignResponse:
+        self._fail(request)
+        return campaign_pb2.PauseCampaignResponse(state=campaign_pb2.CAMPAIGN_STATE_PAUSED)
+
+    async def ResumeCampaign(
+        self, request: campaign_pb2.ResumeCampaignRequest, context: Any
+    ) -> campaign_pb2.ResumeCampaignResponse:
+        self._fail(request)
+        return campaign_pb2.ResumeCampaignResponse(state=campaign_pb2.CAMPAIGN_STATE_RUNNING, requeued=3)
 
     async def GetCampaignStatus(
         self, request: campaign_pb2.GetCampaignStatusRequest, context: Any
@@ -84,22 +125,53 @@ async def campaign_server() -> AsyncIterator[tuple[GrpcServer, StandInCampaigns]
     await server.stop(0)
 
 
+@dataclass
+class Gateway:
+    app: FastAPI
+    client: httpx.AsyncClient
+
+    async def key(
+        self, *scopes: str, workspace: str = "ws_default", campaigns: tuple[str, ...] = ()
+    ) -> dict[str, str]:
+        """Authorization headers of a new key made in the gateway's own store."""
+        created = await self.app.state.auth.db.run(
+            create_key,
+            workspace_id=workspace,
+            scopes=list(scopes or ("admin",)),
+            campaign_ids=list(campaigns),
+        )
+        return {"Authorization": f"Bearer {created.key}"}
+
+    async def revoke(self, headers: dict[str, str]) -> None:
+        key_id = headers["Authorization"].split("_")[1]
+        assert await self.app.state.auth.db.run(revoke_key, key_id)
+
+
 @contextlib.asynccontextmanager
-async def gateway(campaign_addr: str) -> AsyncIterator[httpx.AsyncClient]:
-    settings = GatewaySettings.load(campaign_addr=campaign_addr, grpc_deadline_seconds=3.0)
+async def gateway(campaign_addr: str, data_dir: Path, **overrides: Any) -> AsyncIterator[Gateway]:
+    settings = GatewaySettings.load(
+        campaign_addr=campaign_addr, grpc_deadline_seconds=3.0, data_dir=data_dir, **overrides
+    )
     app = create_app(settings)
-    # ASGITransport does not run the lifespan; the app's channels open and close in it.
+    # ASGITransport does not run the lifespan; the app's channels and key store open in it.
     async with (
         app.router.lifespan_context(app),
         httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway") as client,
     ):
-        yield client
+        yield Gateway(app, client)
 
 
 @pytest.fixture
-async def client(campaign_server: tuple[GrpcServer, StandInCampaigns]) -> AsyncIterator[httpx.AsyncClient]:
-    async with gateway(campaign_server[0].address) as c:
-        yield c
+async def gw(campaign_server: tuple[GrpcServer, StandInCampaigns], tmp_path: Path) -> AsyncIterator[Gateway]:
+    async with gateway(campaign_server[0].address, tmp_path) as g:
+        yield g
+
+
+@pytest.fixture
+async def client(gw: Gateway) -> AsyncIterator[httpx.AsyncClient]:
+    """A client whose every request carries an admin key of ws_default."""
+    gw.client.headers.update(await gw.key("admin"))
+    yield gw.client
 
 
 def closed_port() -> int:
@@ -176,6 +248,7 @@ async def test_malformed_id_is_400_naming_the_field_and_never_reaches_the_servic
         ("00000000-0000-4000-8000-000000000402", 402, "insufficient_balance"),
         ("00000000-0000-4000-8000-000000000403", 403, "forbidden"),
         ("00000000-0000-4000-8000-000000000409", 409, "wrong_state"),
+        ("00000000-0000-4000-8000-000000000422", 422, "launch_blocked"),
         ("00000000-0000-4000-8000-000000000500", 500, "internal"),
         (UNSPECIFIED, 500, "internal"),
     ],
@@ -190,15 +263,21 @@ async def test_grpc_errors_map_to_http(
     assert body["error"] == code
     if status == 400:
         assert body["details"] == [{"field": "campaign_id", "message": "must be a campaign of yours"}]
+    if status == 422:
+        assert body["details"] == [
+            {"field": "steps.0.send.template", "message": "s1: template_published: not published"}
+        ]
     if status == 500:
         # Nothing of the upstream failure reaches the client.
         assert body["message"] == "internal error; it has been logged"
         assert "boom" not in reply.text and "Traceback" not in reply.text
 
 
-async def test_campaign_service_down_is_503_without_internals() -> None:
+async def test_campaign_service_down_is_503_without_internals(tmp_path: Path) -> None:
     port = closed_port()
-    async with gateway(f"127.0.0.1:{port}") as client:
+    async with gateway(f"127.0.0.1:{port}", tmp_path) as g:
+        client = g.client
+        client.headers.update(await g.key("campaigns:read"))
         reply = await client.get(f"/v1/campaigns/{KNOWN}/status")
         assert reply.status_code == 503, reply.text
         body = reply.json()
@@ -250,14 +329,14 @@ async def test_openapi_lists_the_route_with_its_errors(client: httpx.AsyncClient
 
 
 async def test_request_span_continues_the_callers_trace_into_grpc(
-    spans: InMemorySpanExporter, campaign_server: tuple[GrpcServer, StandInCampaigns]
+    spans: InMemorySpanExporter, campaign_server: tuple[GrpcServer, StandInCampaigns], tmp_path: Path
 ) -> None:
     trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
     caller_span = "00f067aa0ba902b7"
-    async with gateway(campaign_server[0].address) as client:
-        reply = await client.get(
-            f"/v1/campaigns/{KNOWN}/status", headers={"traceparent": f"00-{trace_id}-{caller_span}-01"}
-        )
+    async with gateway(campaign_server[0].address, tmp_path) as g:
+        client = g.client
+        headers = {"traceparent": f"00-{trace_id}-{caller_span}-01", **(await g.key("campaigns:read"))}
+        reply = await client.get(f"/v1/campaigns/{KNOWN}/status", headers=headers)
         assert reply.status_code == 200
         assert (await client.get("/healthz")).status_code == 200
     finished = [

@@ -165,8 +165,19 @@ def assert_logs_in(data_dir: Path, components: dict[str, dict[str, object]]) -> 
         assert log.parent == data_dir / "logs" and log.exists()
 
 
-async def assert_status_crosses_gateway_and_campaign(components: dict[str, dict[str, object]]) -> None:
-    """A campaign made over gRPC is read back through the REST gateway, both real processes."""
+ADMIN_KEY = re.compile(r"admin API key of \S+: (shoal_\S+)")
+
+
+async def assert_status_crosses_gateway_and_campaign(
+    components: dict[str, dict[str, object]], output: str, data_dir: Path
+) -> None:
+    """A campaign made over gRPC is read back through the REST gateway, both real processes,
+    with the admin key the runner printed once (and stored nowhere in plain text)."""
+    found = ADMIN_KEY.search(output)
+    assert found, output
+    key = found.group(1)
+    assert key not in (data_dir / RUNNER_FILE).read_text()
+    assert (data_dir / "sandbox-callback.secret").stat().st_mode & 0o777 == 0o600
     async with grpc.aio.insecure_channel(str(components["campaign"]["address"])) as channel:
         created = await campaign_pb2_grpc.CampaignServiceStub(channel).CreateCampaign(
             campaign_pb2.CreateCampaignRequest(
@@ -179,7 +190,10 @@ async def assert_status_crosses_gateway_and_campaign(components: dict[str, dict[
         )
     campaign_id = created.campaign.id
     async with httpx.AsyncClient(base_url=str(components["gateway"]["address"]), timeout=5) as client:
-        reply = await client.get(f"/v1/campaigns/{campaign_id}/status")
+        assert (await client.get(f"/v1/campaigns/{campaign_id}/status")).status_code == 401
+        reply = await client.get(
+            f"/v1/campaigns/{campaign_id}/status", headers={"Authorization": f"Bearer {key}"}
+        )
         assert reply.status_code == 200, reply.text
         assert reply.json()["id"] == campaign_id
         assert reply.json()["state"] == "DRAFT"
@@ -211,7 +225,7 @@ async def test_mesh_is_healthy_within_budget_and_ctrl_c_leaves_nothing(tmp_path:
         assert_logs_in(data_dir, components)
 
         if {"campaign", "gateway"} <= set(components):
-            await assert_status_crosses_gateway_and_campaign(components)
+            await assert_status_crosses_gateway_and_campaign(components, mesh.text(), data_dir)
 
         tree = descendants(mesh.proc.pid)
         recorded = {int(c["pid"]) for c in components.values()} | {int(nats_info["pid"])}

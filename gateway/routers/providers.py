@@ -1,0 +1,243 @@
+"""`POST /v1/providers/{provider}/events`: signed delivery and engagement receipts from carriers.
+
+The signature (`X-<Provider>-Signature: sha256=<hex HMAC-SHA256 of the raw body>`, the sandbox's
+`X-Sandbox-Signature`) is checked in constant time over the raw bytes before anything parses
+them; a bad one is 401. The body is the receipt batch the sandbox carrier sends:
+`{"receipts": [{provider_message_id, idempotency_key, workspace_id, channel, status, time, error?}]}`.
+
+Each receipt becomes one `MessageReceipt` on `shoal.events.message.<status>`, with
+`Nats-Msg-Id` = provider, provider message id and status, so a callback the carrier retries (or
+an attacker replays) is stored once. The idempotency key a provider echoes is our send key
+(`execution_id:node_id`); the execution it names gives the contact, campaign and run, looked up
+once per execution with a bounded number of calls in flight and a small cache (a message yields
+up to three receipts, usually in separate callbacks).
+
+202 once every receipt is stored on the stream. A backend outage is 503, so the carrier retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+from collections import OrderedDict
+from datetime import datetime
+from typing import Annotated, Literal
+
+import grpc
+import nats.errors
+from fastapi import APIRouter, Depends, Path, Request
+from google.protobuf import timestamp_pb2
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+from gateway.backends import Backends, get_backends
+from gateway.config import PROVIDER_RE, GatewaySettings
+from gateway.errors import ApiError, ErrorBody, ErrorDetail, field_path
+from shoal.bus import Outgoing, PublishError, event_subject
+from shoal.v1 import common_pb2, events_pb2, execution_pb2
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/v1/providers", tags=["providers"])
+
+_STATUS = {
+    "delivered": events_pb2.RECEIPT_STATUS_DELIVERED,
+    "failed": events_pb2.RECEIPT_STATUS_FAILED,
+    "opened": events_pb2.RECEIPT_STATUS_OPENED,
+    "clicked": events_pb2.RECEIPT_STATUS_CLICKED,
+    "bounced": events_pb2.RECEIPT_STATUS_BOUNCED,
+}
+_CHANNEL = {"EMAIL": common_pb2.CHANNEL_EMAIL, "RCS": common_pb2.CHANNEL_RCS, "SMS": common_pb2.CHANNEL_SMS}
+_CACHE_SIZE = 100_000
+
+Token = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$")]
+
+
+class ReceiptIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    provider_message_id: Token
+    idempotency_key: Token
+    workspace_id: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    channel: Literal["EMAIL", "RCS", "SMS"]
+    status: Literal["delivered", "failed", "opened", "clicked", "bounced"]
+    time: datetime
+    error: Annotated[str, StringConstraints(max_length=500)] | None = None
+
+
+class ReceiptBatch(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    receipts: list[ReceiptIn] = Field(max_length=100_000)
+
+
+class ReceiptsAccepted(BaseModel):
+    accepted: int = Field(ge=0, description="Receipts stored on the event stream")
+
+
+class Origin(BaseModel):
+    """What a send key's execution tells about a receipt."""
+
+    contact_id: str
+    campaign_id: str
+    run_id: str
+
+
+class ReceiptIngest:
+    """Turns verified receipt batches into `MessageReceipt` events."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self._origins: OrderedDict[tuple[str, str], Origin | None] = OrderedDict()
+        self._slots = asyncio.Semaphore(settings.callback_lookup_concurrency)
+
+    async def origin(self, backends: Backends, workspace_id: str, execution_id: str) -> Origin | None:
+        key = (workspace_id, execution_id)
+        if key in self._origins:
+            self._origins.move_to_end(key)
+            return self._origins[key]
+        async with self._slots:
+            try:
+                reply = await backends.executions.GetExecution(
+                    execution_pb2.GetExecutionRequest(workspace_id=workspace_id, execution_id=execution_id)
+                )
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+                    raise
+                # Not one of ours (or not any more): the event is still published, without a contact.
+                found = None
+            else:
+                e = reply.execution
+                found = Origin(contact_id=e.contact_id, campaign_id=e.campaign_id, run_id=e.run_id)
+        self._origins[key] = found
+        while len(self._origins) > _CACHE_SIZE:
+            self._origins.popitem(last=False)
+        return found
+
+    async def events(
+        self, backends: Backends, provider: str, batch: ReceiptBatch
+    ) -> list[events_pb2.MessageReceipt]:
+        executions = {(r.workspace_id, r.idempotency_key.rpartition(":")[0]) for r in batch.receipts}
+        executions.discard(("", ""))
+        pairs = sorted((ws, ex) for ws, ex in executions if ex)
+        found = await asyncio.gather(*(self.origin(backends, ws, ex) for ws, ex in pairs))
+        origins = dict(zip(pairs, found, strict=True))
+        out = []
+        for r in batch.receipts:
+            execution_id, _, node_id = r.idempotency_key.rpartition(":")
+            origin = origins.get((r.workspace_id, execution_id))
+            when = timestamp_pb2.Timestamp()
+            when.FromDatetime(r.time)
+            out.append(
+                events_pb2.MessageReceipt(
+                    workspace_id=r.workspace_id,
+                    provider=provider,
+                    send_key=r.idempotency_key,
+                    provider_message_id=r.provider_message_id,
+                    status=_STATUS[r.status],
+                    contact_id=origin.contact_id if origin else "",
+                    campaign_id=origin.campaign_id if origin else "",
+                    run_id=origin.run_id if origin else "",
+                    node_id=node_id if execution_id else "",
+                    channel=_CHANNEL[r.channel],
+                    error=r.error or "",
+                    time=when,
+                )
+            )
+        return out
+
+
+def get_ingest(request: Request) -> ReceiptIngest:
+    ingest: ReceiptIngest = request.app.state.receipts
+    return ingest
+
+
+def signature_header(provider: str) -> str:
+    return f"X-{provider.replace('_', '-').title()}-Signature"
+
+
+def signature_ok(body: bytes, header: str | None, secret: bytes) -> bool:
+    """`sha256=<hex>` against the HMAC-SHA256 of the raw body, compared in constant time."""
+    if not header or not header.startswith("sha256="):
+        return False
+    expected = hmac.new(secret, body, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected.encode(), header.removeprefix("sha256=").strip().encode())
+
+
+def _parse(body: bytes, settings: GatewaySettings) -> ReceiptBatch:
+    try:
+        batch = ReceiptBatch.model_validate_json(body)
+    except ValidationError as exc:
+        details = [
+            ErrorDetail(field=field_path(e.get("loc", ())), message=str(e.get("msg", "")))
+            for e in exc.errors()[:20]
+        ]
+        raise ApiError(400, "validation_failed", "not a receipt batch", details=details) from None
+    if len(batch.receipts) > settings.callback_max_receipts:
+        raise ApiError(
+            400,
+            "validation_failed",
+            f"at most {settings.callback_max_receipts} receipts per callback",
+            details=[ErrorDetail(field="receipts", message="too many receipts")],
+        )
+    return batch
+
+
+@router.post(
+    "/{provider}/events",
+    status_code=202,
+    summary="Receipts from a channel provider (signed callback)",
+    description=(
+        "Authenticated by `X-<Provider>-Signature: sha256=<hex HMAC-SHA256 of the raw body>` "
+        "(the sandbox carrier's `X-Sandbox-Signature`), not by an API key. Each receipt is "
+        "published once on the event stream."
+    ),
+    response_model=ReceiptsAccepted,
+    responses={
+        400: {"model": ErrorBody, "description": "Signed, but not a receipt batch"},
+        401: {"model": ErrorBody, "description": "Missing or wrong signature"},
+        404: {"model": ErrorBody, "description": "No callbacks configured for this provider"},
+        413: {"model": ErrorBody, "description": "Body too large"},
+        503: {"model": ErrorBody, "description": "NATS or the execution service is unavailable; retry"},
+    },
+)
+async def provider_events(
+    provider: Annotated[str, Path(pattern=PROVIDER_RE.pattern, description="Provider name, e.g. `sandbox`")],
+    request: Request,
+    backends: Annotated[Backends, Depends(get_backends)],
+    ingest: Annotated[ReceiptIngest, Depends(get_ingest)],
+) -> ReceiptsAccepted:
+    settings = ingest.settings
+    secret = settings.callback_secret(provider)
+    if secret is None:
+        raise ApiError(404, "not_found", f"no callbacks are configured for provider {provider}")
+    # The size cap (413) is `gateway.body_limit`'s, applied while the body streams in.
+    body = await request.body()
+    # Before any parsing: an unsigned body is not even looked at.
+    if not signature_ok(body, request.headers.get(signature_header(provider)), secret):
+        log.warning("rejected a %s callback with a bad signature", provider)
+        raise ApiError(401, "bad_signature", f"missing or wrong {signature_header(provider)}")
+    batch = _parse(body, settings)
+    if not batch.receipts:
+        return ReceiptsAccepted(accepted=0)
+    try:
+        events = await ingest.events(backends, provider, batch)
+    except grpc.aio.AioRpcError as exc:
+        log.warning("receipt lookup failed: %s", exc.code().name)
+        raise ApiError(503, "unavailable", "a backend service is unavailable; retry later") from None
+    items = [
+        Outgoing(
+            subject=event_subject("message", r.status),
+            message=event,
+            msg_id=f"{provider}:{r.provider_message_id}:{r.status}",
+        )
+        for r, event in zip(batch.receipts, events, strict=True)
+    ]
+    try:
+        bus = await asyncio.wait_for(backends.bus(), timeout=settings.bus_connect_timeout_seconds)
+        await bus.publish_many(items, timeout=10.0)
+    except (TimeoutError, PublishError, nats.errors.Error, OSError) as exc:
+        log.warning("publishing %d receipts failed: %r", len(items), type(exc).__name__)
+        raise ApiError(503, "unavailable", "the event bus is unavailable; retry later") from None
+    return ReceiptsAccepted(accepted=len(items))
