@@ -78,6 +78,12 @@ class ServiceSettings(SharedSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=0, ge=0, le=65535, description="0 picks a free port")
     database_url: str = Field(default="", description="SQLAlchemy URL; empty means SQLite under data_dir")
+    metrics_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="Prometheus /metrics on host:metrics_port; unset means no endpoint, 0 picks a free port",
+    )
 
     def resolved_database_url(self, service: str) -> str:
         if self.database_url:

@@ -1,10 +1,12 @@
 """gRPC server bootstrap and client channels, the same way in every service.
 
 Server: grpc.aio, the standard health service (SERVING only after start), reflection, the
+Prometheus request metrics (outermost, health checks excluded; `shoal.metrics`), the
 OpenTelemetry server interceptor with health checks filtered out, and an interceptor that turns
-domain errors into rich statuses. Shutdown order on SIGTERM/SIGINT: health NOT_SERVING first (so
-balancers stop sending), then `server.stop(grace)` (in-flight calls finish), then the service's
-own closers (workers, NATS drain, database).
+domain errors into rich statuses. With `metrics_port` set, `/metrics` is served on that port.
+Shutdown order on SIGTERM/SIGINT: health NOT_SERVING first (so balancers stop sending), then
+`server.stop(grace)` (in-flight calls finish), then the service's own closers (workers, NATS
+drain, database), then the metrics endpoint.
 
 Client: one channel per peer with the OpenTelemetry client interceptors, a default deadline on
 every call, and automatic retries on UNAVAILABLE for the methods a service declares idempotent.
@@ -27,6 +29,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor, filters
 
+from shoal import metrics as shoal_metrics
 from shoal.errors import ShoalError, to_status
 
 log = logging.getLogger(__name__)
@@ -115,11 +118,20 @@ class GrpcServer:
     server: grpc.aio.Server | None = None
     health: HealthServicer | None = None
     bound_port: int = 0
+    # None: no /metrics endpoint; 0: a free port (see `metrics_endpoint.bound_port`).
+    metrics_port: int | None = None
+    # The registry the request metrics go to; None means the process's `shoal.metrics.default()`.
+    metrics: shoal_metrics.Metrics | None = None
+    metrics_endpoint: shoal_metrics.MetricsEndpoint | None = None
 
     async def start(self) -> int:
         self.health = HealthServicer()
+        if self.metrics is None:
+            self.metrics = shoal_metrics.default()
         self.server = grpc.aio.server(
             interceptors=[
+                # Outermost: times the whole call and sees the status the caller gets.
+                shoal_metrics.GrpcMetricsInterceptor(self.metrics),
                 aio_server_interceptor(filter_=filters.negate(filters.health_check())),  # type: ignore[no-untyped-call]
                 _DomainErrorInterceptor(),
             ],
@@ -135,6 +147,16 @@ class GrpcServer:
         self.bound_port = self.server.add_insecure_port(f"{self.host}:{self.port}")
         if self.bound_port == 0:
             raise RuntimeError(f"{self.name}: could not bind {self.host}:{self.port}")
+        if self.metrics_port is not None:
+            # Before the server starts: a metrics port already taken stops start-up cleanly.
+            endpoint = shoal_metrics.MetricsEndpoint(self.metrics, self.host, self.metrics_port)
+            try:
+                endpoint.start()
+            except OSError as exc:
+                raise RuntimeError(
+                    f"{self.name}: could not serve metrics on {self.host}:{self.metrics_port}: {exc}"
+                ) from exc
+            self.metrics_endpoint = endpoint
         await self.server.start()
         # SERVING only once the server really accepts calls.
         for svc in [*names, ""]:
@@ -157,6 +179,10 @@ class GrpcServer:
                 await close()
             except Exception:
                 log.exception("%s: error while closing", self.name)
+        if self.metrics_endpoint is not None:
+            # Last: a scrape during shutdown still answers.
+            self.metrics_endpoint.stop()
+            self.metrics_endpoint = None
         log.info("%s stopped", self.name)
 
 
@@ -276,6 +302,9 @@ def run_service(
 
     async def main() -> None:
         server = await build(settings)
+        # SHOAL_<SERVICE>_METRICS_PORT; the services' build functions need not know about it.
+        if server.metrics_port is None:
+            server.metrics_port = getattr(settings, "metrics_port", None)
         await serve_until_signal(server, grace=settings.shutdown_grace_seconds, ready=announce)
 
     asyncio.run(main())
