@@ -113,9 +113,10 @@ async def raw_ceiling(nats_url: str, db_url: str, count: int, batch: int = 500) 
 
 
 class Mesh:
-    def __init__(self, data: Path, env: dict[str, str]) -> None:
+    def __init__(self, data: Path, env: dict[str, str], only: str = "") -> None:
         self.data = data
         self.env = env
+        self.only = only
         self.proc: subprocess.Popen[str] | None = None
         self.info: dict[str, Any] = {}
 
@@ -130,6 +131,7 @@ class Mesh:
                 "--fresh",
                 "--data-dir",
                 str(self.data),
+                *(["--only", self.only] if self.only else []),
             ],
             cwd=REPO,
             env={**os.environ, **self.env},
@@ -335,6 +337,11 @@ async def main() -> None:
     parser.add_argument("--flow", choices=["send-end", "send-condition-tag-end"], default="send-end")
     parser.add_argument("--db", choices=["sqlite", "postgres"], default="sqlite")
     parser.add_argument("--postgres-url", default="postgresql://postgres@127.0.0.1:5432/test")
+    parser.add_argument(
+        "--without-gateway",
+        action="store_true",
+        help="leave the gateway out: the sandbox then sends no receipt callbacks (engine cost alone)",
+    )
     args = parser.parse_args()
 
     data = Path(tempfile.mkdtemp(prefix="shoal-bench-"))
@@ -355,7 +362,8 @@ async def main() -> None:
                     env[f"SHOAL_{svc.upper()}_DATABASE_URL"] = (
                         args.postgres_url.rsplit("/", 1)[0] + "/" + name
                     )
-    mesh = Mesh(data / "mesh", env)
+    only = "sandbox,segment,template,billing,execution,campaign" if args.without_gateway else ""
+    mesh = Mesh(data / "mesh", env, only)
     mesh.start()
     try:
         nats_url = mesh.info["nats"]["url"]

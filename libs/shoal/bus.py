@@ -11,9 +11,12 @@ logical name (`STREAM_EXEC`, `step_subject(cid)`) or one already namespaced by `
 `bus.step_subject`. Durable consumer names live inside a stream and are not namespaced.
 
 Tracing (DESIGN §6): a publish opens a PRODUCER span and injects W3C trace context into the headers
-inside it; the consume loop extracts it and opens one CONSUMER span per message, child of the
-producer, and runs the handler once per batch inside an INTERNAL "shoal.bus.batch" span that is a
-child of the first message's span and links to every message's span.
+inside it; the consume loop extracts it and opens a CONSUMER span, child of the producer, and runs
+the handler once per batch inside an INTERNAL "shoal.bus.batch" span that is a child of the first
+message's span and links to every consumer span. For speed, spans are per group, not per message:
+`publish_many` opens one PRODUCER span per (parent context, subject) and the consume loop one
+CONSUMER span per distinct producer context in a fetched batch (`messaging.batch.message_count`
+says how many messages a span stands for). A span per message cost more CPU than the message.
 
 Settlement: after the handler returns every delivery is acked unless the handler chose otherwise
 (`retry(delay)` -> nak with delay, `reject(reason)` -> term). When the handler raises, undecided
@@ -26,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import itertools
 import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -63,6 +67,8 @@ STREAM_EVENTS = "EVENTS"
 EXEC_SUBJECTS = "shoal.exec.>"
 EVENTS_SUBJECTS = "shoal.events.>"
 BATCH_SPAN_NAME = "shoal.bus.batch"
+# OpenTelemetry keeps at most 128 links per span by default; building more only costs CPU.
+_MAX_LINKS = 128
 
 # JetStream error code for "stream name already in use with a different configuration".
 _ERR_STREAM_NAME_IN_USE = 10058
@@ -119,6 +125,55 @@ class Outgoing:
     message: Message
     msg_id: str | None = None
     context: Context | None = None
+
+
+_MSG_ID = Header.MSG_ID.value
+
+
+class _ProducerGroup:
+    """The PRODUCER span shared by the messages of one `publish_many` with the same parent."""
+
+    __slots__ = ("count", "duplicates", "failed", "headers", "last_seq", "span")
+
+    def __init__(self, span: Span, headers: dict[str, str]) -> None:
+        self.span = span
+        self.headers = headers
+        self.count = 0
+        self.failed = False
+        self.last_seq = 0
+        self.duplicates = 0
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.failed:
+            self.failed = True
+            self.span.record_exception(exc)
+            self.span.set_status(Status(StatusCode.ERROR, repr(exc)))
+
+    def done(self, slots: asyncio.Semaphore) -> Callable[[asyncio.Future[PubAck]], None]:
+        def settled(fut: asyncio.Future[PubAck]) -> None:
+            slots.release()
+            if fut.cancelled():
+                self.fail(asyncio.CancelledError("publish cancelled"))
+            elif (exc := fut.exception()) is not None:
+                self.fail(exc)
+            else:
+                ack = fut.result()
+                self.last_seq = max(self.last_seq, ack.seq)
+                self.duplicates += bool(ack.duplicate)
+
+        return settled
+
+    def end(self) -> None:
+        span = self.span
+        if not span.is_recording():
+            span.end()
+            return
+        span.set_attribute(ATTR_BATCH_COUNT, self.count)
+        if self.last_seq:
+            span.set_attribute(ATTR_STREAM_SEQ, self.last_seq)
+        if self.duplicates:
+            span.set_attribute(ATTR_DUPLICATE, True)
+        span.end()
 
 
 class Bus:
@@ -323,47 +378,34 @@ class Bus:
             raise ValueError("window must be at least 1")
         slots = asyncio.Semaphore(window)
         futures: list[asyncio.Future[PubAck]] = []
-
-        def finish(span: Span) -> Callable[[asyncio.Future[PubAck]], None]:
-            def done(fut: asyncio.Future[PubAck]) -> None:
-                slots.release()
-                if fut.cancelled():
-                    span.set_status(Status(StatusCode.ERROR, "cancelled"))
-                elif (exc := fut.exception()) is not None:
-                    span.record_exception(exc)
-                    span.set_status(Status(StatusCode.ERROR, repr(exc)))
-                else:
-                    ack = fut.result()
-                    span.set_attribute(ATTR_STREAM_SEQ, ack.seq)
-                    if ack.duplicate:
-                        span.set_attribute(ATTR_DUPLICATE, True)
-                span.end()
-
-            return done
-
+        # One PRODUCER span per distinct parent context, not per message: a fan-out page or a
+        # batch's follow-ups share one parent, and a span per message cost more CPU than the
+        # publish itself. Every message still carries the trace context of a PRODUCER span whose
+        # parent is its own `context` (so the consumer's parent is that producer, DESIGN §6).
+        groups: dict[tuple[int, str], _ProducerGroup] = {}
         try:
             async with asyncio.timeout(timeout):
                 for item in items:
                     subject = self.subject(item.subject)
+                    # The items hold their contexts alive for this call, so id() cannot be reused.
+                    key = (id(item.context), subject)
+                    group = groups.get(key)
+                    if group is None:
+                        group = groups[key] = self._producer_group(subject, item)
                     await slots.acquire()
-                    span = self.tracer.start_span(
-                        f"{subject} publish",
-                        context=item.context,
-                        kind=SpanKind.PRODUCER,
-                        attributes=self._producer_attributes(subject, item.msg_id),
-                    )
+                    hdrs = dict(group.headers)
+                    if item.msg_id:
+                        hdrs[_MSG_ID] = item.msg_id
                     try:
-                        hdrs = self._headers(item.msg_id, None, trace.set_span_in_context(span, item.context))
                         fut = await self.js.publish_async(
                             subject, item.message.SerializeToString(), headers=hdrs
                         )
                     except BaseException as exc:
                         slots.release()
-                        span.record_exception(exc)
-                        span.set_status(Status(StatusCode.ERROR, repr(exc)))
-                        span.end()
+                        group.fail(exc)
                         raise
-                    fut.add_done_callback(finish(span))
+                    group.count += 1
+                    fut.add_done_callback(group.done(slots))
                     futures.append(fut)
                 results = await asyncio.gather(*futures, return_exceptions=True)
         finally:
@@ -371,10 +413,22 @@ class Bus:
             for fut in futures:
                 if not fut.done():
                     fut.cancel()
+            for group in groups.values():
+                group.end()
         failures = [(i, r) for i, r in enumerate(results) if isinstance(r, BaseException)]
         if failures:
             raise PublishError(failures, len(items)) from failures[0][1]
         return [r for r in results if isinstance(r, PubAck)]
+
+    def _producer_group(self, subject: str, item: Outgoing) -> _ProducerGroup:
+        span = self.tracer.start_span(
+            f"{subject} publish",
+            context=item.context,
+            kind=SpanKind.PRODUCER,
+            attributes={ATTR_SYSTEM: "nats", ATTR_DESTINATION: subject, ATTR_OPERATION: "publish"},
+        )
+        # Injected once for the group, inside its span, and copied into every message's headers.
+        return _ProducerGroup(span, telemetry.inject({}, trace.set_span_in_context(span, item.context)))
 
     async def close(self) -> None:
         """Drain subscriptions and pending publishes, then close."""
@@ -524,22 +578,20 @@ async def _process_batch(
     retry_cap: float,
 ) -> None:
     deliveries: list[Delivery[M]] = []
+    # One CONSUMER span per producer context in the batch, not per message: messages published
+    # together (a fan-out page, a batch's follow-ups) share their PRODUCER span and so their
+    # trace headers. Each message's consumer span is still a child of its producer (DESIGN §6).
+    consumers: dict[tuple[str, str], _ConsumerSpan] = {}
+    owners: list[_ConsumerSpan] = []  # owners[i] is deliveries[i]'s span group
     for msg in msgs:
-        parent = telemetry.extract(msg.headers)
+        headers = msg.headers or {}
+        key = (headers.get("traceparent", ""), headers.get("tracestate", ""))
         num_delivered = msg.metadata.num_delivered
-        attributes: dict[str, str | int] = {
-            ATTR_SYSTEM: "nats",
-            ATTR_DESTINATION: msg.subject,
-            ATTR_OPERATION: "process",
-            ATTR_CONSUMER: durable,
-            ATTR_NUM_DELIVERED: num_delivered,
-        }
-        msg_id = (msg.headers or {}).get(Header.MSG_ID.value)
-        if msg_id:
-            attributes[ATTR_MESSAGE_ID] = msg_id
-        span = bus.tracer.start_span(
-            f"{msg.subject} process", context=parent, kind=SpanKind.CONSUMER, attributes=attributes
-        )
+        group = consumers.get(key)
+        if group is None:
+            group = consumers[key] = _ConsumerSpan(bus, msg, durable, num_delivered)
+        else:
+            group.add(num_delivered)
         try:
             payload = decode.FromString(msg.data)
         except DecodeError as exc:
@@ -550,15 +602,16 @@ async def _process_batch(
                 decode.DESCRIPTOR.full_name,
                 exc,
             )
-            span.record_exception(exc)
-            span.set_status(Status(StatusCode.ERROR, "undecodable payload"))
-            await _settle(msg.term, span)
-            span.end()
+            group.span.record_exception(exc)
+            group.span.set_status(Status(StatusCode.ERROR, "undecodable payload"))
+            await _settle(msg.term, group.span)
+            group.settled(Outcome.REJECT.value)
             continue
-        deliveries.append(
-            Delivery(msg, payload, span, trace.set_span_in_context(span, parent), num_delivered)
-        )
+        deliveries.append(Delivery(msg, payload, group.span, group.context, num_delivered))
+        owners.append(group)
     if not deliveries:
+        for group in consumers.values():
+            group.end()
         return
 
     failure: Exception | None = None
@@ -567,7 +620,8 @@ async def _process_batch(
             BATCH_SPAN_NAME,
             context=deliveries[0].context,
             kind=SpanKind.INTERNAL,
-            links=[Link(d.span.get_span_context()) for d in deliveries],
+            # One link per consumer span; OTel keeps at most 128 links per span anyway.
+            links=[Link(g.span.get_span_context()) for g in itertools.islice(consumers.values(), _MAX_LINKS)],
             attributes={ATTR_SYSTEM: "nats", ATTR_CONSUMER: durable, ATTR_BATCH_COUNT: len(deliveries)},
         ):
             await handler(deliveries)
@@ -576,19 +630,27 @@ async def _process_batch(
         logger.warning("handler for %s failed on a batch of %s: %r", durable, len(deliveries), exc)
     except BaseException:
         # Cancelled: leave the messages unacked; the server redelivers them after ack_wait.
-        for d in deliveries:
-            d.span.set_status(Status(StatusCode.ERROR, "cancelled"))
-            d.span.end()
+        for group in consumers.values():
+            group.span.set_status(Status(StatusCode.ERROR, "cancelled"))
+            group.span.end()
         raise
 
-    for d in deliveries:
+    for d, group in zip(deliveries, owners, strict=True):
         await _settle_delivery(
-            d, failure, max_deliver=max_deliver, retry_base=retry_base, retry_cap=retry_cap
+            d, group, failure, max_deliver=max_deliver, retry_base=retry_base, retry_cap=retry_cap
         )
+    for group in consumers.values():
+        group.end()
 
 
 async def _settle_delivery(
-    d: Delivery[M], failure: Exception | None, *, max_deliver: int, retry_base: float, retry_cap: float
+    d: Delivery[M],
+    group: _ConsumerSpan,
+    failure: Exception | None,
+    *,
+    max_deliver: int,
+    retry_base: float,
+    retry_cap: float,
 ) -> None:
     span = d.span
     outcome = d.outcome
@@ -596,8 +658,7 @@ async def _settle_delivery(
     if outcome is Outcome.UNDECIDED:
         outcome = Outcome.ACK if failure is None else Outcome.RETRY
         if failure is not None:
-            span.record_exception(failure)
-            span.set_status(Status(StatusCode.ERROR, repr(failure)))
+            group.fail(failure)
             d.delay = retry_delay(d.num_delivered, base=retry_base, cap=retry_cap)
     if outcome is Outcome.RETRY and d.num_delivered >= max_deliver:
         # The server would not redeliver it, and on a work queue it would sit in the stream forever.
@@ -606,7 +667,7 @@ async def _settle_delivery(
             f", last with {failure!r}" if failure else ""
         )
         span.set_status(Status(StatusCode.ERROR, d.reason))
-    span.set_attribute("shoal.bus.outcome", outcome.value)
+    group.settled(outcome.value)
     if outcome is Outcome.ACK:
         await _settle(d.msg.ack, span)
     elif outcome is Outcome.RETRY:
@@ -621,7 +682,60 @@ async def _settle_delivery(
             d.reason,
         )
         await _settle(d.msg.term, span)
-    span.end()
+
+
+class _ConsumerSpan:
+    """The CONSUMER span shared by the messages of a fetched batch that have one producer."""
+
+    __slots__ = ("context", "failed", "max_delivered", "messages", "msg_id", "outcomes", "span")
+
+    def __init__(self, bus: Bus, msg: Msg, durable: str, num_delivered: int) -> None:
+        parent = telemetry.extract(msg.headers)
+        attributes: dict[str, str | int] = {
+            ATTR_SYSTEM: "nats",
+            ATTR_DESTINATION: msg.subject,
+            ATTR_OPERATION: "process",
+            ATTR_CONSUMER: durable,
+            ATTR_NUM_DELIVERED: num_delivered,
+        }
+        self.msg_id = (msg.headers or {}).get(_MSG_ID, "")
+        self.span = bus.tracer.start_span(
+            f"{msg.subject} process", context=parent, kind=SpanKind.CONSUMER, attributes=attributes
+        )
+        self.context = trace.set_span_in_context(self.span, parent)
+        self.messages = 1
+        self.max_delivered = num_delivered
+        self.failed = False
+        self.outcomes: dict[str, int] = {}
+
+    def add(self, num_delivered: int) -> None:
+        self.messages += 1
+        self.max_delivered = max(self.max_delivered, num_delivered)
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.failed:
+            self.failed = True
+            self.span.record_exception(exc)
+            self.span.set_status(Status(StatusCode.ERROR, repr(exc)))
+
+    def settled(self, outcome: str) -> None:
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+
+    def end(self) -> None:
+        span = self.span
+        if span.is_recording():
+            if self.messages == 1:
+                if self.msg_id:
+                    span.set_attribute(ATTR_MESSAGE_ID, self.msg_id)
+            else:
+                span.set_attribute(ATTR_BATCH_COUNT, self.messages)
+                span.set_attribute(ATTR_NUM_DELIVERED, self.max_delivered)
+                for outcome, n in self.outcomes.items():
+                    span.set_attribute(f"shoal.bus.outcomes.{outcome}", n)
+            if self.outcomes:
+                only = next(iter(self.outcomes)) if len(self.outcomes) == 1 else "mixed"
+                span.set_attribute("shoal.bus.outcome", only)
+        span.end()
 
 
 async def _settle(action: Callable[[], Awaitable[None]], span: Span) -> None:

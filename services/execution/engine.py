@@ -1,11 +1,11 @@
 """The step worker: takes a batch of step messages and moves each execution until it parks.
 
 Per batch, never per contact: one claim transaction, one CheckEligibility / RenderBatch /
-HoldBatch per SEND node group, provider calls in batches with bounded concurrency, one commit
-of every outcome, then captures, progress events, and acks (by the consume loop, after this
-returns). A crash anywhere before the commit leaves the executions `processing` until their
-lease expires; they are retried with the same send keys, so billing and the provider answer
-"already done" instead of holding or sending twice.
+HoldBatch per SEND node group, provider calls in batches with bounded concurrency, captures
+and releases, one commit of every outcome, then progress events and acks (by the consume loop,
+after this returns). A crash anywhere before the commit leaves the executions `processing` until
+their lease expires; they are retried with the same send keys, so billing and the provider answer
+"already done" instead of holding, capturing or sending twice.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from services.execution.providers.base import (
     SendResult,
 )
 from services.execution.providers.registry import default_provider_for
-from services.execution.repo import COMPLETED, FAILED, PENDING, SKIPPED, ExecRow, Outcome
+from services.execution.repo import COMPLETED, FAILED, PENDING, SKIPPED, ExecRow, NewSend, Outcome
 from shoal import flow as flows
 from shoal.bus import Bus, Delivery, Outgoing
 from shoal.campaign_states import RUNNING, CampaignStates
@@ -112,7 +112,7 @@ class Work:
 @dataclass
 class BatchResult:
     outcomes: list[Outcome] = field(default_factory=list)
-    sends: list[dict[str, Any]] = field(default_factory=list)
+    sends: list[NewSend] = field(default_factory=list)
     # (workspace, key) of holds to capture after the commit (the provider holds the message).
     capture: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     release: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
@@ -183,8 +183,12 @@ class Engine:
             repo.finish(session, result.outcomes, renudge=self.renudge)
             return repo.counters_of(session, {o.row.run_id for o in result.outcomes})
 
-        counters = await self.db.run(commit)
+        # Captures and releases go before the commit: both are idempotent by send key, and a hold
+        # answers CAPTURED to the retry, so a crash between them and the commit is repaired by the
+        # retry. After the commit nothing would retry them (the executions are done), and a crash
+        # there left the holds reserved for good.
         await self.settle(result)
+        counters = await self.db.run(commit)
         await self.publish_progress(counters)
 
     async def run_until_parked(self, work: list[Work], result: BatchResult) -> None:
@@ -339,9 +343,14 @@ class Engine:
                 eligible.append((w, e))
         if not eligible:
             return
+        # The run's trigger data is the same for every contact: converted to a Struct once.
+        run_data = struct_pb2.Struct()
+        run_data.update(run.data)
         rendered = await self.peers.template.RenderBatch(
             tpb.RenderBatchRequest(
-                workspace_id=ws, template=send.template, contexts=[_render_context(w, e) for w, e in eligible]
+                workspace_id=ws,
+                template=send.template,
+                contexts=[_render_context(w, e, run_data) for w, e in eligible],
             )
         )
         by_key = {m.key: m for m in rendered.messages}
@@ -387,7 +396,8 @@ class Engine:
             Channel.parse(common.Channel.Name(send.channel))
         )
         provider = self.providers[provider_name]
-        outbound = [_outbound(w, e, m, node, send.channel) for w, e, m, _ in to_send]
+        channel = Channel.parse(common.Channel.Name(send.channel))
+        outbound = [_outbound(w, e, m, node, channel) for w, e, m, _ in to_send]
         results = await self._send_in_chunks(provider, outbound)
         for (w, _e, m, amount), res in zip(to_send, results, strict=True):
             key = _send_key(w, node)
@@ -395,23 +405,21 @@ class Engine:
                 w.park(PENDING, reason=f"provider unavailable: {res.reason}", wake_at=self._retry_at())
             elif res.ok:
                 result.sends.append(
-                    {
-                        "key": key,
-                        "workspace_id": ws,
-                        "execution_id": w.row.id,
-                        "run_id": run.id,
-                        "campaign_id": run.campaign_id,
-                        "node_id": node.id,
-                        "channel": send.channel,
-                        "provider": provider_name,
-                        "provider_message_id": res.provider_message_id or "",
-                        "status": epb.SEND_STATUS_ACCEPTED,
-                        "billing_unit": m.billing_unit,
-                        "units": max(m.units, 1),
-                        "cost_cents": amount,
-                        "created_at": repo.now(),
-                        "updated_at": repo.now(),
-                    }
+                    NewSend(
+                        key,
+                        ws,
+                        w.row.id,
+                        run.id,
+                        run.campaign_id,
+                        node.id,
+                        send.channel,
+                        provider_name,
+                        res.provider_message_id or "",
+                        epb.SEND_STATUS_ACCEPTED,
+                        m.billing_unit,
+                        max(m.units, 1),
+                        amount,
+                    )
                 )
                 result.capture[ws].append(key)
                 w.node_id = node.next
@@ -471,7 +479,7 @@ class Engine:
 
     async def settle(self, result: BatchResult) -> None:
         """Capture holds of messages the provider took, release those it refused for good.
-        Both are idempotent by key; a crash before this leaves the holds for the next attempt."""
+        Both are idempotent by key; called before the batch's commit (see `advance`)."""
         for ws, keys in result.capture.items():
             await self.peers.billing.CaptureBatch(bpb.CaptureBatchRequest(workspace_id=ws, keys=keys))
         for ws, keys in result.release.items():
@@ -521,8 +529,7 @@ def _ids_filter(ids: list[str]) -> spb.Filter:
     )
 
 
-def _render_context(w: Work, e: spb.Eligibility) -> tpb.RenderContext:
-    contact = struct_pb2.Struct()
+def _render_context(w: Work, e: spb.Eligibility, data: struct_pb2.Struct) -> tpb.RenderContext:
     fields: dict[str, Any] = {"id": w.row.contact_id, "first_name": e.first_name, "last_name": e.last_name}
     if "@" in e.address:
         fields["email"] = e.address
@@ -531,19 +538,18 @@ def _render_context(w: Work, e: spb.Eligibility) -> tpb.RenderContext:
     for name, value in e.fields.items():
         kind = value.WhichOneof("kind")
         fields[name] = getattr(value, kind) if kind else None
-    contact.update(fields)
-    data = struct_pb2.Struct()
-    data.update(w.run.data)
-    return tpb.RenderContext(key=w.row.id, contact=contact, data=data)
+    ctx = tpb.RenderContext(key=w.row.id, data=data)
+    ctx.contact.update(fields)
+    return ctx
 
 
 def _outbound(
-    w: Work, e: spb.Eligibility, m: tpb.RenderedMessage, node: flows.Node, channel: int
+    w: Work, e: spb.Eligibility, m: tpb.RenderedMessage, node: flows.Node, channel: Channel
 ) -> OutboundMessage:
     return OutboundMessage(
         key=_send_key(w, node),
         workspace_id=w.run.workspace_id,
-        channel=Channel.parse(common.Channel.Name(channel)),
+        channel=channel,
         to=e.address,
         subject=m.subject or None,
         text=m.text or None,

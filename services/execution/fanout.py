@@ -9,6 +9,7 @@ A lease on the run keeps two processes from fanning out the same run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import uuid
@@ -21,7 +22,6 @@ from opentelemetry import trace
 from sqlalchemy import select, update
 
 from services.execution import repo
-from services.execution.repo import PENDING
 from shoal import flow as flows
 from shoal.bus import Bus, Outgoing
 from shoal.db import Database
@@ -63,16 +63,33 @@ class Fanout:
         self.lease = timedelta(seconds=30)
         self.on_progress = on_progress
         self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.stopping = False
 
     def start(self, run_id: str) -> None:
         """Fan out in the background (the task inherits the caller's trace context)."""
-        if run_id in self.tasks and not self.tasks[run_id].done():
+        if self.stopping or (run_id in self.tasks and not self.tasks[run_id].done()):
             return
         self.tasks[run_id] = asyncio.create_task(self._guarded(run_id), name=f"fanout-{run_id}")
 
     async def resume_all(self) -> None:
         for run_id in await self.db.run(repo.runs_needing_fanout):
             self.start(run_id)
+
+    async def watch(self, stop: asyncio.Event, *, interval: float = 2.0) -> None:
+        """Resume unfinished fan-outs until `stop`: one that failed (NATS away mid-publish) or
+        whose lease a dead process still held when this one started is picked up here, not only
+        at the next process start. A run with a live fan-out task here is skipped by `start`."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=interval)
+            if stop.is_set():
+                return
+            try:
+                await self.resume_all()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("resuming fan-outs failed")
 
     async def _guarded(self, run_id: str) -> None:
         try:
@@ -84,6 +101,7 @@ class Fanout:
             log.exception("fan-out of run %s failed", run_id)
 
     async def stop(self) -> None:
+        self.stopping = True
         for task in self.tasks.values():
             task.cancel()
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)
@@ -151,7 +169,6 @@ class Fanout:
             ).all():
                 if cid not in latest or entry > latest[cid][0]:
                     latest[cid] = (entry, state)
-            t = repo.now()
             rows = []
             for cid in dict.fromkeys(contact_ids):
                 if cid in latest:
@@ -161,56 +178,35 @@ class Fanout:
                     entry += 1
                 else:
                     entry = 0
-                rows.append(self._row(run, cid, entry=entry, node_id=entry_node, t=t, traceparent=""))
-            repo.insert_executions(session, rows)
+                rows.append(repo.NewExecution(execution_id(run.id, cid, entry), cid, entry))
+            repo.insert_executions(
+                session,
+                run=run,
+                node_id=entry_node,
+                rows=rows,
+                nudge_at=repo.now() + self.renudge,
+                traceparent="",
+            )
             if rows:
                 repo.move_counters(session, {run.id: Counter(pending=len(rows))})
-            return [(r["id"], 0) for r in rows]
+            return [(r.id, 0) for r in rows]
 
         steps = await self.db.run(insert)
         await self._publish(run, steps)
         return len(steps)
 
-    def _row(
-        self, run: Any, contact_id: str, *, entry: int, node_id: str, t: Any, traceparent: str
-    ) -> dict[str, Any]:
-        return {
-            "id": execution_id(run.id, contact_id, entry),
-            "workspace_id": run.workspace_id,
-            "campaign_id": run.campaign_id,
-            "run_id": run.id,
-            "contact_id": contact_id,
-            "entry": entry,
-            "state": PENDING,
-            "node_id": node_id,
-            "step_seq": 0,
-            "reason": "",
-            "ab_variant": "",
-            "wake_at": None,
-            "nudge_at": t + self.renudge,
-            "lease_until": None,
-            "traceparent": traceparent,
-            "created_at": t,
-            "updated_at": t,
-        }
-
     async def _publish(self, run: Any, steps: list[tuple[str, int]]) -> None:
-        await self.bus.publish_many(
-            [
-                Outgoing(
-                    self.bus.step_subject(run.campaign_id),
-                    ev.StepMessage(
-                        workspace_id=run.workspace_id,
-                        campaign_id=run.campaign_id,
-                        run_id=run.id,
-                        execution_id=ex_id,
-                        step_seq=seq,
-                    ),
-                    msg_id=f"{ex_id}:{seq}",
-                )
-                for ex_id, seq in steps
-            ]
-        )
+        subject = self.bus.step_subject(run.campaign_id)
+        # One template message copied per step: cheaper than building each from keywords.
+        template = ev.StepMessage(workspace_id=run.workspace_id, campaign_id=run.campaign_id, run_id=run.id)
+        out = []
+        for ex_id, seq in steps:
+            msg = ev.StepMessage()
+            msg.CopyFrom(template)
+            msg.execution_id = ex_id
+            msg.step_seq = seq
+            out.append(Outgoing(subject, msg, msg_id=f"{ex_id}:{seq}"))
+        await self.bus.publish_many(out)
 
     async def _page(self, run: Any, entry: str, contact_ids: list[str]) -> int:
         """Insert this page's executions, publish their steps, then move the cursor."""
@@ -220,37 +216,29 @@ class Fanout:
         inject(headers)
         traceparent = headers.get("traceparent", "")
 
-        def insert(session: Any) -> list[tuple[str, int]]:
+        ids = [execution_id(run.id, cid) for cid in contact_ids]
+
+        def insert(session: Any) -> None:
             known = repo.existing_contacts(session, run_id=run.id, contact_ids=contact_ids)
-            t = repo.now()
             rows = [
-                self._row(run, cid, entry=0, node_id=entry, t=t, traceparent=traceparent)
-                for cid in contact_ids
+                repo.NewExecution(ex_id, cid, 0)
+                for ex_id, cid in zip(ids, contact_ids, strict=True)
                 if cid not in known
             ]
-            repo.insert_executions(session, rows)
+            repo.insert_executions(
+                session,
+                run=run,
+                node_id=entry,
+                rows=rows,
+                nudge_at=repo.now() + self.renudge,
+                traceparent=traceparent,
+            )
             if rows:
                 repo.move_counters(session, {run.id: Counter(pending=len(rows))})
-            # Publish for the whole page: after a crash, known rows may still lack their message.
-            return [(execution_id(run.id, cid), 0) for cid in contact_ids]
 
-        steps = await self.db.run(insert)
-        await self.bus.publish_many(
-            [
-                Outgoing(
-                    self.bus.step_subject(run.campaign_id),
-                    ev.StepMessage(
-                        workspace_id=run.workspace_id,
-                        campaign_id=run.campaign_id,
-                        run_id=run.id,
-                        execution_id=ex_id,
-                        step_seq=seq,
-                    ),
-                    msg_id=f"{ex_id}:{seq}",
-                )
-                for ex_id, seq in steps
-            ]
-        )
+        await self.db.run(insert)
+        # Publish for the whole page: after a crash, known rows may still lack their message.
+        await self._publish(run, [(ex_id, 0) for ex_id in ids])
 
         def advance(session: Any) -> None:
             session.execute(update(repo.R).where(repo.R.c.id == run.id).values(fanout_cursor=contact_ids[-1]))

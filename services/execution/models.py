@@ -7,13 +7,24 @@ the nudge to work on it. Workers move rows with compare-and-set on (state, step_
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
-from sqlalchemy import BigInteger, Column, Index, LargeBinary, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Column, Index, LargeBinary, Text, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
 from shoal.db import new_registry
 
 registry = new_registry()
+
+# EXECUTION_STATE_PENDING and EXECUTION_STATE_PROCESSING of shoal.v1.ExecutionState, written out
+# because index definitions (and their migration) need literal values.
+PENDING_STATE = 1
+PROCESSING_STATE = 2
+
+
+def _where(state: int) -> dict[str, Any]:
+    clause = text(f"state = {state}")
+    return {"sqlite_where": clause, "postgresql_where": clause}
 
 
 def utcnow() -> datetime:
@@ -55,13 +66,18 @@ class Run(ExecutionModel, table=True):
 
 class Execution(ExecutionModel, table=True):
     __tablename__ = "executions"
+    # Every index that the timer loop needs is partial: it holds only the pending (or processing)
+    # rows it searches. A full (state, ...) index moves every row on each state change, and each
+    # execution changes state twice per step; a partial index only drops a row that leaves it, and
+    # finished executions are in none. The queries compare the state as a literal
+    # (`repo.state_is`), which is what lets SQLite and PostgreSQL match the index's WHERE.
     __table_args__ = (
         UniqueConstraint("run_id", "contact_id", "entry", name="uq_executions_run_contact_entry"),
-        Index("ix_executions_state_wake", "state", "wake_at"),
-        Index("ix_executions_state_nudge", "state", "nudge_at"),
-        Index("ix_executions_campaign_state", "campaign_id", "state"),
-        Index("ix_executions_state_lease", "state", "lease_until"),
-        Index("ix_executions_run_state", "run_id", "state"),
+        Index("ix_executions_campaign", "campaign_id"),
+        Index("ix_executions_pending_wake", "wake_at", **_where(PENDING_STATE)),
+        Index("ix_executions_pending_nudge", "nudge_at", **_where(PENDING_STATE)),
+        Index("ix_executions_pending_campaign", "campaign_id", "id", **_where(PENDING_STATE)),
+        Index("ix_executions_processing_lease", "lease_until", **_where(PROCESSING_STATE)),
     )
 
     id: str = Field(primary_key=True, max_length=64)

@@ -7,16 +7,32 @@ transaction as the executions they count, so `GetRunCounts` is one row read at a
 from __future__ import annotations
 
 import json
+import operator
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, bindparam, insert, or_, select, tuple_, update
+from sqlalchemy import (
+    Connection,
+    Dialect,
+    and_,
+    bindparam,
+    insert,
+    literal,
+    or_,
+    select,
+    tuple_,
+    union,
+    update,
+)
+from sqlalchemy.engine import CursorResult
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.expression import ClauseElement
 from sqlmodel import Session
 
-from services.execution.models import Execution, Run, Send
+from services.execution.models import PENDING_STATE, PROCESSING_STATE, Execution, Run, Send
 from shoal.v1 import execution_pb2 as epb
 
 PENDING = epb.EXECUTION_STATE_PENDING
@@ -40,6 +56,16 @@ S = Send.__table__  # type: ignore[attr-defined]
 
 def now() -> datetime:
     return datetime.now(UTC)
+
+
+if (PENDING, PROCESSING) != (PENDING_STATE, PROCESSING_STATE):
+    raise RuntimeError("models.py's literal states no longer match shoal.v1.ExecutionState")
+
+
+def state_is(state: int) -> Any:
+    """`state = <literal>`: the partial indexes (models.py) are only usable with a literal, since
+    a planner cannot prove that a bound parameter matches the index's WHERE."""
+    return E.c.state == literal(state, literal_execute=True)
 
 
 @dataclass
@@ -78,6 +104,97 @@ _EXEC_COLUMNS = (
 
 def _row(r: Any) -> ExecRow:
     return ExecRow(*r)
+
+
+class BulkStatement:
+    """A statement compiled once per dialect and run with the driver's own executemany.
+
+    SQLAlchemy's executemany processes every parameter of every row in Python (bind processors,
+    insertmanyvalues batching); on the hot paths that cost more than the database work. Here the
+    rows are handed to `cursor.executemany` as they are, so callers pass only values the driver
+    takes natively (str, int, None) and timestamps already converted with `db_time`, which
+    applies the column type's own bind processing once per batch instead of once per value.
+    """
+
+    def __init__(self, stmt: ClauseElement, names: Sequence[str]) -> None:
+        self.stmt = stmt
+        self.names = tuple(names)
+        self._compiled: dict[str, _Compiled] = {}
+
+    def _sql(self, dialect: Dialect) -> _Compiled:
+        hit = self._compiled.get(dialect.name)
+        if hit is None:
+            compiled = cast(SQLCompiler, self.stmt.compile(dialect=dialect))
+            # Literals in the statement (state=PENDING, ...) became bind parameters: their values
+            # are fixed, so they are converted once here.
+            constants: dict[str, Any] = {}
+            for name, value in compiled.params.items():
+                if name in self.names:
+                    continue
+                processor = compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect)
+                constants[name] = processor(value) if processor is not None else value
+            if compiled.positional:
+                order = tuple(compiled.positiontup or ())
+                if order == self.names:
+                    hit = _Compiled(compiled.string, None, (), None)
+                else:
+                    # Each placeholder picks from the row followed by the constants (itemgetter
+                    # is C: no Python loop per value).
+                    extra = tuple(n for n in order if n not in self.names)
+                    pool = self.names + extra
+                    index = [pool.index(n) for n in order]
+                    # itemgetter of one index returns the value itself, not a 1-tuple.
+                    pick = operator.itemgetter(*index) if len(index) > 1 else lambda r: (r[index[0]],)
+                    hit = _Compiled(compiled.string, pick, tuple(constants[n] for n in extra), None)
+            else:
+                hit = _Compiled(compiled.string, None, (), constants)
+            self._compiled[dialect.name] = hit
+        return hit
+
+    def run(self, session: Session, rows: Sequence[tuple[Any, ...]]) -> int:
+        """Execute for every row (a tuple of values in `names` order); the driver's rowcount
+        (on SQLite the sum over the rows; other drivers may report only the last row's)."""
+        if not rows:
+            return 0
+        conn: Connection = session.connection()
+        c = self._sql(conn.dialect)
+        params: Sequence[Any]
+        if c.named is not None:
+            params = [dict(zip(self.names, r, strict=True)) | c.named for r in rows]
+        elif c.pick is None:
+            params = rows
+        else:
+            pick, constants = c.pick, c.constants
+            params = [pick(r + constants) for r in rows]
+        return int(cast(CursorResult[Any], conn.exec_driver_sql(c.sql, params)).rowcount)
+
+
+@dataclass(frozen=True, slots=True)
+class _Compiled:
+    sql: str
+    # Positional drivers: builds a row's parameters from (row + constants); None when the
+    # placeholders are exactly the row's values in order.
+    pick: Callable[[tuple[Any, ...]], tuple[Any, ...]] | None
+    constants: tuple[Any, ...]
+    # Named drivers: the constants to add to every row's dict.
+    named: dict[str, Any] | None
+
+
+def db_time(session: Session, value: datetime | None) -> Any:
+    """A timestamp as the UTCDateTime columns store it on this dialect (for `BulkStatement`)."""
+    if value is None:
+        return None
+    dialect = session.connection().dialect
+    processor = _TIME_PROCESSORS.get(dialect.name)
+    if processor is None:
+        # dialect_impl: the dialect's own type (on SQLite it renders the stored string format).
+        processor = _TIME_PROCESSORS[dialect.name] = E.c.created_at.type.dialect_impl(dialect).bind_processor(
+            dialect
+        ) or (lambda v: v)
+    return processor(value)
+
+
+_TIME_PROCESSORS: dict[str, Any] = {}
 
 
 # -- runs ----------------------------------------------------------------------------------------
@@ -187,15 +304,69 @@ def counters_of(session: Session, run_ids: Iterable[str]) -> list[Any]:
 
 
 def existing_contacts(session: Session, *, run_id: str, contact_ids: Sequence[str]) -> set[str]:
-    rows = session.execute(
-        select(E.c.contact_id).where(E.c.run_id == run_id, E.c.contact_id.in_(list(contact_ids)))
-    ).all()
+    rows = (
+        session.connection()
+        .execute(select(E.c.contact_id).where(E.c.run_id == run_id, E.c.contact_id.in_(list(contact_ids))))
+        .all()
+    )
     return {r[0] for r in rows}
 
 
-def insert_executions(session: Session, rows: list[dict[str, Any]]) -> None:
-    if rows:
-        session.execute(insert(E), rows)
+# Only what varies per row is a parameter; the rest is the same for the whole page.
+_INSERT_EXECUTION_COLUMNS = (
+    "id",
+    "workspace_id",
+    "campaign_id",
+    "run_id",
+    "contact_id",
+    "entry",
+    "node_id",
+    "nudge_at",
+    "traceparent",
+    "created_at",
+)
+_INSERT_EXECUTIONS = BulkStatement(
+    insert(E).values(
+        {c: bindparam(c) for c in _INSERT_EXECUTION_COLUMNS}
+        | {
+            "state": PENDING,
+            "step_seq": 0,
+            "reason": "",
+            "ab_variant": "",
+            "wake_at": None,
+            "lease_until": None,
+            "updated_at": bindparam("created_at"),
+        }
+    ),
+    _INSERT_EXECUTION_COLUMNS,
+)
+
+
+@dataclass
+class NewExecution:
+    id: str
+    contact_id: str
+    entry: int
+
+
+def insert_executions(
+    session: Session,
+    *,
+    run: Any,
+    node_id: str,
+    rows: Sequence[NewExecution],
+    nudge_at: datetime,
+    traceparent: str,
+) -> None:
+    """Insert pending executions of one run at its entry node (step_seq 0)."""
+    if not rows:
+        return
+    t = db_time(session, now())
+    nudge = db_time(session, nudge_at)
+    ws, cid, rid = run.workspace_id, run.campaign_id, run.id
+    _INSERT_EXECUTIONS.run(
+        session, [(r.id, ws, cid, rid, r.contact_id, r.entry, node_id, nudge, traceparent, t) for r in rows]
+    )
 
 
 def load(session: Session, ids: Sequence[str]) -> dict[str, ExecRow]:
@@ -212,9 +383,16 @@ def claim(session: Session, *, candidates: Sequence[tuple[str, int]], lease: tim
     if not candidates:
         return []
     t = now()
-    result = session.execute(
+    # On the connection, not the ORM session: a Core statement needs none of its bookkeeping.
+    result = session.connection().execute(
         update(E)
-        .where(E.c.state == PENDING, tuple_(E.c.id, E.c.step_seq).in_(list(candidates)))
+        .where(
+            # `id IN` lets the primary key find the rows, and the state is compared inside the
+            # row value so the planner cannot prefer a (state, ...) index: with `state = ?` as
+            # its own term SQLite scanned every pending row of the table for each batch.
+            E.c.id.in_([c[0] for c in candidates]),
+            tuple_(E.c.id, E.c.step_seq, E.c.state).in_([(i, seq, PENDING) for i, seq in candidates]),
+        )
         .values(state=PROCESSING, lease_until=t + lease, updated_at=t)
         .returning(*_EXEC_COLUMNS)
     )
@@ -239,6 +417,36 @@ class Outcome:
     wake_at: datetime | None = None
 
 
+_FINISH_COLUMNS = (
+    "state",
+    "node_id",
+    "reason",
+    "ab_variant",
+    "wake_at",
+    "nudge_at",
+    "t",
+    "id",
+    "claimed_seq",
+)
+_FINISH = BulkStatement(
+    update(E)
+    # A worker whose lease expired (another took the execution over) writes nothing.
+    .where(E.c.id == bindparam("id"), E.c.state == PROCESSING, E.c.step_seq == bindparam("claimed_seq"))
+    .values(
+        state=bindparam("state"),
+        node_id=bindparam("node_id"),
+        step_seq=E.c.step_seq + 1,
+        reason=bindparam("reason"),
+        ab_variant=bindparam("ab_variant"),
+        wake_at=bindparam("wake_at"),
+        nudge_at=bindparam("nudge_at"),
+        lease_until=None,
+        updated_at=bindparam("t"),
+    ),
+    _FINISH_COLUMNS,
+)
+
+
 def finish(session: Session, outcomes: Sequence[Outcome], *, renudge: timedelta) -> None:
     """Write each claimed execution's new state; a parked one gets the next step_seq.
 
@@ -247,43 +455,63 @@ def finish(session: Session, outcomes: Sequence[Outcome], *, renudge: timedelta)
     """
     if not outcomes:
         return
-    t = now()
-    params = [
-        {
-            "b_id": o.row.id,
-            "b_state": o.state,
-            "b_node": o.node_id,
-            "b_seq": o.row.step_seq + 1,
-            "b_claimed_seq": o.row.step_seq,
-            "b_reason": o.reason[:500],
-            "b_variant": o.row.ab_variant[:500],
-            "b_wake": o.wake_at,
-            "b_nudge": t + renudge if o.state == PENDING and o.wake_at is None else None,
-        }
-        for o in outcomes
-    ]
-    session.execute(
-        update(E)
-        # A worker whose lease expired (another took the execution over) writes nothing.
-        .where(
-            E.c.id == bindparam("b_id"), E.c.state == PROCESSING, E.c.step_seq == bindparam("b_claimed_seq")
+    # Only executions this worker still holds are written and counted: one whose lease expired
+    # (the timer returned it to pending with a new step_seq, fencing this worker) is left alone,
+    # and so are the run counters. The rows are locked on PostgreSQL (FOR UPDATE). SQLite has no
+    # row locks and its driver reads outside the write transaction, so there the UPDATE's own
+    # count is checked below.
+    held = {
+        r[0]
+        for r in session.connection().execute(
+            select(E.c.id)
+            .where(
+                E.c.id.in_([o.row.id for o in outcomes]),
+                tuple_(E.c.id, E.c.step_seq, E.c.state).in_(
+                    [(o.row.id, o.row.step_seq, PROCESSING) for o in outcomes]
+                ),
+            )
+            .with_for_update()
         )
-        .values(
-            state=bindparam("b_state"),
-            node_id=bindparam("b_node"),
-            step_seq=bindparam("b_seq"),
-            reason=bindparam("b_reason"),
-            ab_variant=bindparam("b_variant"),
-            wake_at=bindparam("b_wake"),
-            nudge_at=bindparam("b_nudge"),
-            lease_until=None,
-            updated_at=t,
-        ),
-        params,
-    )
+    }
+    if len(held) < len(outcomes):
+        outcomes = [o for o in outcomes if o.row.id in held]
+        if not outcomes:
+            return
+    t = now()
+    t_db = db_time(session, t)
+    nudge = db_time(session, t + renudge)
+    # Wake times repeat within a batch (one WAIT node, one retry backoff): convert each once.
+    wakes: dict[datetime, Any] = {}
+    rows = []
+    for o in outcomes:
+        wake = None
+        if o.wake_at is not None:
+            wake = wakes.get(o.wake_at)
+            if wake is None:
+                wake = wakes[o.wake_at] = db_time(session, o.wake_at)
+        rows.append(
+            (
+                o.state,
+                o.node_id,
+                o.reason[:500],
+                o.row.ab_variant[:500],
+                wake,
+                nudge if o.state == PENDING and o.wake_at is None else None,
+                t_db,
+                o.row.id,
+                o.row.step_seq,
+            )
+        )
+    written = _FINISH.run(session, rows)
+    if written != len(rows) and session.connection().dialect.name == "sqlite":
+        # Another process fenced one of these executions between the check and the write: undo
+        # the whole batch (the caller's transaction rolls back) and let the redelivery sort it out.
+        raise RuntimeError(f"{len(rows) - written} executions changed hands while finishing; retrying")
     deltas: dict[str, Counter[str]] = {}
     for o in outcomes:
-        d = deltas.setdefault(o.row.run_id, Counter())
+        d = deltas.get(o.row.run_id)
+        if d is None:
+            d = deltas[o.row.run_id] = Counter()
         d["processing"] -= 1
         d[_COUNTER[o.state]] += 1
     move_counters(session, deltas)
@@ -292,11 +520,11 @@ def finish(session: Session, outcomes: Sequence[Outcome], *, renudge: timedelta)
 def due_campaigns(session: Session) -> list[str]:
     """Campaigns with pending executions whose timer or safety nudge is due."""
     t = now()
-    due = or_(E.c.wake_at <= t, and_(E.c.wake_at.is_(None), E.c.nudge_at <= t))
-    return [
-        r[0]
-        for r in session.execute(select(E.c.campaign_id).where(E.c.state == PENDING, due).distinct()).all()
-    ]
+    # Two range searches, one per partial index, instead of one OR that scans every pending row
+    # (this runs every timer tick, also while a million executions are pending).
+    woken = select(E.c.campaign_id).where(state_is(PENDING), E.c.wake_at <= t)
+    nudged = select(E.c.campaign_id).where(state_is(PENDING), E.c.nudge_at <= t, E.c.wake_at.is_(None))
+    return [r[0] for r in session.execute(union(woken, nudged)).all()]
 
 
 def nudge_due(
@@ -319,7 +547,7 @@ def nudge_due(
         due = or_(E.c.wake_at.is_(None), E.c.wake_at <= t)
     else:
         due = or_(E.c.wake_at <= t, and_(E.c.wake_at.is_(None), E.c.nudge_at <= t))
-    ids = select(E.c.id).where(E.c.state == PENDING, E.c.campaign_id.in_(list(campaign_ids)), due)
+    ids = select(E.c.id).where(state_is(PENDING), E.c.campaign_id.in_(list(campaign_ids)), due)
     if after_id:
         ids = ids.where(E.c.id > after_id)
     picked = ids.order_by(E.c.id).limit(limit).scalar_subquery()
@@ -335,9 +563,7 @@ def nudge_due(
 def expire_leases(session: Session, *, limit: int) -> list[ExecRow]:
     """Executions whose worker died mid-node go back to pending with a new step_seq."""
     t = now()
-    expired = (
-        select(E.c.id).where(E.c.state == PROCESSING, E.c.lease_until < t).limit(limit).scalar_subquery()
-    )
+    expired = select(E.c.id).where(state_is(PROCESSING), E.c.lease_until < t).limit(limit).scalar_subquery()
     result = session.execute(
         update(E)
         .where(E.c.state == PROCESSING, E.c.lease_until < t, E.c.id.in_(expired))
@@ -359,22 +585,92 @@ def expire_leases(session: Session, *, limit: int) -> list[ExecRow]:
 # -- sends ---------------------------------------------------------------------------------------
 
 
+_SEND_COLUMNS = (
+    "key",
+    "workspace_id",
+    "execution_id",
+    "run_id",
+    "campaign_id",
+    "node_id",
+    "channel",
+    "provider",
+    "provider_message_id",
+    "status",
+    "billing_unit",
+    "units",
+    "cost_cents",
+    "created_at",
+)
+_INSERT_SENDS = BulkStatement(
+    insert(S).values({c: bindparam(c) for c in _SEND_COLUMNS} | {"updated_at": bindparam("created_at")}),
+    _SEND_COLUMNS,
+)
+
+
 def known_sends(session: Session, keys: Sequence[str]) -> dict[str, Any]:
+    """The recorded sends among `keys`: key -> row with `key` and `channel`."""
     if not keys:
         return {}
-    return {r.key: r for r in session.execute(select(S).where(S.c.key.in_(list(keys)))).all()}
+    return {
+        r.key: r
+        for r in session.connection()
+        .execute(select(S.c.key, S.c.channel).where(S.c.key.in_(list(keys))))
+        .all()
+    }
 
 
-def record_sends(session: Session, rows: list[dict[str, Any]]) -> None:
+@dataclass
+class NewSend:
+    """A send the provider accepted, to record (`record_sends`)."""
+
+    key: str
+    workspace_id: str
+    execution_id: str
+    run_id: str
+    campaign_id: str
+    node_id: str
+    channel: int
+    provider: str
+    provider_message_id: str
+    status: int
+    billing_unit: int
+    units: int
+    cost_cents: int
+
+
+def record_sends(session: Session, sends: Sequence[NewSend]) -> None:
     """Insert sends not yet recorded (a redelivered batch finds its earlier rows) and count them."""
-    if not rows:
+    if not sends:
         return
-    known = set(known_sends(session, [r["key"] for r in rows]))
-    fresh = [r for r in rows if r["key"] not in known]
+    # One indexed lookup of the keys (normally none is found); the unique key backs it up.
+    known = known_sends(session, [r.key for r in sends])
+    fresh = [r for r in sends if r.key not in known]
     if not fresh:
         return
-    session.execute(insert(S), fresh)
+    t = db_time(session, now())
+    _INSERT_SENDS.run(
+        session,
+        [
+            (
+                r.key,
+                r.workspace_id,
+                r.execution_id,
+                r.run_id,
+                r.campaign_id,
+                r.node_id,
+                r.channel,
+                r.provider,
+                r.provider_message_id,
+                r.status,
+                r.billing_unit,
+                r.units,
+                r.cost_cents,
+                t,
+            )
+            for r in fresh
+        ],
+    )
     deltas: dict[str, Counter[str]] = {}
     for r in fresh:
-        deltas.setdefault(r["run_id"], Counter())["sent"] += 1
+        deltas.setdefault(r.run_id, Counter())["sent"] += 1
     move_counters(session, deltas)

@@ -10,6 +10,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import event
+
 from services.execution.config import ExecutionSettings
 from services.execution.engine import Engine
 from services.execution.fanout import Fanout
@@ -28,9 +30,22 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 WORKERS_DURABLE = "execution-workers"
 
 
+def _bigger_page_cache(db: Database) -> None:
+    """64 MB of page cache instead of SQLite's 2 MB: the executions table and its indexes are
+    read and rewritten in every batch, and re-reading their pages from the OS costs CPU."""
+
+    @event.listens_for(db.engine, "connect")
+    def _cache(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.execute("PRAGMA cache_size=-65536")
+
+    db.engine.dispose()  # connections opened for the migration reconnect with the pragma
+
+
 async def build(settings: ExecutionSettings, *, namespace: str = "") -> GrpcServer:
     db = Database(settings.resolved_database_url("execution"), migrations_dir=MIGRATIONS)
     await db.call(db.migrate)
+    if db.sqlite:
+        _bigger_page_cache(db)
     bus = await Bus.connect(settings.nats_url, name="execution", namespace=namespace or settings.namespace)
     await bus.ensure_streams()
     states = await CampaignStates.open(bus)
@@ -81,6 +96,7 @@ async def build(settings: ExecutionSettings, *, namespace: str = "") -> GrpcServ
             )
         tasks.append(asyncio.create_task(timer.run(stop), name="timers"))
         await fanout.resume_all()
+        tasks.append(asyncio.create_task(fanout.watch(stop), name="fanout-watch"))
 
     servicer = ExecutionServicer(db=db, bus=bus, states=states, fanout=fanout, renudge=renudge)
     server = GrpcServer(

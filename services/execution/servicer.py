@@ -166,10 +166,13 @@ class ExecutionServicer(execution_pb2_grpc.ExecutionServiceServicer):
         E, S = repo.E, repo.S
 
         def work(session: Any) -> tuple[Any, list[Any]]:
-            row = session.execute(
+            # On the connection: Core reads need none of the ORM session's bookkeeping, and the
+            # gateway asks this once per execution that gets a receipt.
+            conn = session.connection()
+            row = conn.execute(
                 select(E).where(E.c.id == request.execution_id, E.c.workspace_id == ws)
             ).first()
-            sends = list(session.execute(select(S).where(S.c.execution_id == request.execution_id)).all())
+            sends = list(conn.execute(select(S).where(S.c.execution_id == request.execution_id)).all())
             return row, sends
 
         row, sends = await self.db.run(work)

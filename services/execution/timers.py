@@ -37,8 +37,15 @@ def step_messages(bus: Bus, rows: Sequence[ExecRow], *, nudge: str = "") -> list
     tag so JetStream's duplicate window does not swallow it.
     """
     out = []
+    # Rows of one fan-out page share a traceparent: one Context per trace lets publish_many give
+    # them one PRODUCER span instead of one each.
+    contexts: dict[str, Context] = {}
     for r in rows:
-        context: Context | None = extract({"traceparent": r.traceparent}) if r.traceparent else None
+        context: Context | None = None
+        if r.traceparent:
+            context = contexts.get(r.traceparent)
+            if context is None:
+                context = contexts[r.traceparent] = extract({"traceparent": r.traceparent})
         out.append(
             Outgoing(
                 bus.step_subject(r.campaign_id),

@@ -1,8 +1,8 @@
 """runs, executions, sends
 
-Revision ID: dc1880d24eb2
+Revision ID: 421f0b75ba67
 Revises:
-Create Date: 2026-11-26 05:27:05.328087
+Create Date: 2026-11-26 06:11:35.644388
 """
 
 from collections.abc import Sequence
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 import sqlmodel
 from alembic import op
 
-revision: str = "dc1880d24eb2"
+revision: str = "421f0b75ba67"
 down_revision: str | None = None
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
@@ -42,11 +42,35 @@ def upgrade() -> None:
         sa.UniqueConstraint("run_id", "contact_id", "entry", name="uq_executions_run_contact_entry"),
     )
     with op.batch_alter_table("executions", schema=None) as batch_op:
-        batch_op.create_index("ix_executions_campaign_state", ["campaign_id", "state"], unique=False)
-        batch_op.create_index("ix_executions_run_state", ["run_id", "state"], unique=False)
-        batch_op.create_index("ix_executions_state_lease", ["state", "lease_until"], unique=False)
-        batch_op.create_index("ix_executions_state_nudge", ["state", "nudge_at"], unique=False)
-        batch_op.create_index("ix_executions_state_wake", ["state", "wake_at"], unique=False)
+        batch_op.create_index("ix_executions_campaign", ["campaign_id"], unique=False)
+        batch_op.create_index(
+            "ix_executions_pending_campaign",
+            ["campaign_id", "id"],
+            unique=False,
+            sqlite_where=sa.text("state = 1"),
+            postgresql_where=sa.text("state = 1"),
+        )
+        batch_op.create_index(
+            "ix_executions_pending_nudge",
+            ["nudge_at"],
+            unique=False,
+            sqlite_where=sa.text("state = 1"),
+            postgresql_where=sa.text("state = 1"),
+        )
+        batch_op.create_index(
+            "ix_executions_pending_wake",
+            ["wake_at"],
+            unique=False,
+            sqlite_where=sa.text("state = 1"),
+            postgresql_where=sa.text("state = 1"),
+        )
+        batch_op.create_index(
+            "ix_executions_processing_lease",
+            ["lease_until"],
+            unique=False,
+            sqlite_where=sa.text("state = 2"),
+            postgresql_where=sa.text("state = 2"),
+        )
 
     op.create_table(
         "runs",
@@ -116,11 +140,27 @@ def downgrade() -> None:
 
     op.drop_table("runs")
     with op.batch_alter_table("executions", schema=None) as batch_op:
-        batch_op.drop_index("ix_executions_state_wake")
-        batch_op.drop_index("ix_executions_state_nudge")
-        batch_op.drop_index("ix_executions_state_lease")
-        batch_op.drop_index("ix_executions_run_state")
-        batch_op.drop_index("ix_executions_campaign_state")
+        batch_op.drop_index(
+            "ix_executions_processing_lease",
+            sqlite_where=sa.text("state = 2"),
+            postgresql_where=sa.text("state = 2"),
+        )
+        batch_op.drop_index(
+            "ix_executions_pending_wake",
+            sqlite_where=sa.text("state = 1"),
+            postgresql_where=sa.text("state = 1"),
+        )
+        batch_op.drop_index(
+            "ix_executions_pending_nudge",
+            sqlite_where=sa.text("state = 1"),
+            postgresql_where=sa.text("state = 1"),
+        )
+        batch_op.drop_index(
+            "ix_executions_pending_campaign",
+            sqlite_where=sa.text("state = 1"),
+            postgresql_where=sa.text("state = 1"),
+        )
+        batch_op.drop_index("ix_executions_campaign")
 
     op.drop_table("executions")
     # ### end Alembic commands ###
