@@ -319,18 +319,63 @@ class Engine:
     # -- SEND -----------------------------------------------------------------------------------
 
     async def run_send(self, node: flows.Node, work: list[Work], result: BatchResult) -> None:
+        """Eligibility for the node's channel, then delivery. On RCS, contacts whose device cannot
+        take RCS follow the node's fallback: `none` skips them (`rcs_not_reachable`), `sms` sends
+        the RCS template flattened to SMS, `sms_custom` sends the node's SMS template; a fallback
+        SMS needs SMS consent too, and is billed as the SMS it is."""
         send = node.step.send
-        run = work[0].run
-        ws = run.workspace_id
-        eligibility = await self.peers.segment.CheckEligibility(
-            spb.CheckEligibilityRequest(
-                workspace_id=ws,
-                contact_ids=[w.row.contact_id for w in work],
-                channel=send.channel,
-                message_type=send.message_type,
+        eligible = await self._eligible(work, send.channel, send.message_type)
+        if not eligible:
+            return
+        if send.channel != common.CHANNEL_RCS:
+            await self._deliver(
+                node, eligible, result, channel=send.channel, template=send.template, as_sms=False
+            )
+            return
+        capabilities = await self.peers.segment.GetCapabilities(
+            spb.GetCapabilitiesRequest(
+                workspace_id=work[0].run.workspace_id, contact_ids=[w.row.contact_id for w, _ in eligible]
             )
         )
-        by_contact = {e.contact_id: e for e in eligibility.results}
+        capable = {c.contact_id for c in capabilities.capabilities if c.rcs_capable}
+        rcs = [(w, e) for w, e in eligible if w.row.contact_id in capable]
+        unreachable = [w for w, _ in eligible if w.row.contact_id not in capable]
+        if rcs:
+            await self._deliver(
+                node, rcs, result, channel=common.CHANNEL_RCS, template=send.template, as_sms=False
+            )
+        if not unreachable:
+            return
+        if send.fallback == cpb.RCS_FALLBACK_NONE:
+            for w in unreachable:
+                w.park(SKIPPED, reason="rcs_not_reachable")
+            return
+        fallback = await self._eligible(unreachable, common.CHANNEL_SMS, send.message_type)
+        if not fallback:
+            return
+        if send.fallback == cpb.RCS_FALLBACK_SMS_CUSTOM:
+            await self._deliver(
+                node, fallback, result, channel=common.CHANNEL_SMS, template=send.sms_template, as_sms=False
+            )
+        else:
+            await self._deliver(
+                node, fallback, result, channel=common.CHANNEL_SMS, template=send.template, as_sms=True
+            )
+
+    async def _eligible(
+        self, work: list[Work], channel: int, message_type: int
+    ) -> list[tuple[Work, spb.Eligibility]]:
+        """The executions whose contact may receive this channel + message type; the others are
+        parked `skipped` with the reason (no consent, not active, no address, unknown)."""
+        reply = await self.peers.segment.CheckEligibility(
+            spb.CheckEligibilityRequest(
+                workspace_id=work[0].run.workspace_id,
+                contact_ids=[w.row.contact_id for w in work],
+                channel=channel,
+                message_type=message_type,
+            )
+        )
+        by_contact = {e.contact_id: e for e in reply.results}
         eligible: list[tuple[Work, spb.Eligibility]] = []
         for w in work:
             e = by_contact.get(w.row.contact_id)
@@ -341,16 +386,31 @@ class Engine:
                 w.park(SKIPPED, reason=reason.removeprefix("INELIGIBLE_REASON_").lower())
             else:
                 eligible.append((w, e))
-        if not eligible:
-            return
+        return eligible
+
+    async def _deliver(
+        self,
+        node: flows.Node,
+        eligible: list[tuple[Work, spb.Eligibility]],
+        result: BatchResult,
+        *,
+        channel: int,
+        template: tpb.TemplateRef,
+        as_sms: bool,
+    ) -> None:
+        """Render, hold, hand to the provider and record, for one channel actually used."""
+        send = node.step.send
+        run = eligible[0][0].run
+        ws = run.workspace_id
         # The run's trigger data is the same for every contact: converted to a Struct once.
         run_data = struct_pb2.Struct()
         run_data.update(run.data)
         rendered = await self.peers.template.RenderBatch(
             tpb.RenderBatchRequest(
                 workspace_id=ws,
-                template=send.template,
+                template=template,
                 contexts=[_render_context(w, e, run_data) for w, e in eligible],
+                as_sms=as_sms,
             )
         )
         by_key = {m.key: m for m in rendered.messages}
@@ -369,7 +429,7 @@ class Engine:
                 items=[
                     bpb.HoldItem(
                         key=_send_key(w, node),
-                        channel=send.channel,
+                        channel=channel,
                         message_type=send.message_type,
                         unit=m.billing_unit,
                         units=max(m.units, 1),
@@ -392,12 +452,11 @@ class Engine:
                 w.park(FAILED, reason="hold released earlier")
         if not to_send:
             return
-        provider_name = send.provider or default_provider_for(
-            Channel.parse(common.Channel.Name(send.channel))
-        )
+        used = Channel.parse(common.Channel.Name(channel))
+        # A node's provider serves its own channel; a fallback SMS goes to the SMS default.
+        provider_name = (send.provider if channel == send.channel else "") or default_provider_for(used)
         provider = self.providers[provider_name]
-        channel = Channel.parse(common.Channel.Name(send.channel))
-        outbound = [_outbound(w, e, m, node, channel) for w, e, m, _ in to_send]
+        outbound = [_outbound(w, e, m, node, used) for w, e, m, _ in to_send]
         results = await self._send_in_chunks(provider, outbound)
         for (w, _e, m, amount), res in zip(to_send, results, strict=True):
             key = _send_key(w, node)
@@ -412,7 +471,7 @@ class Engine:
                         run.id,
                         run.campaign_id,
                         node.id,
-                        send.channel,
+                        channel,
                         provider_name,
                         res.provider_message_id or "",
                         epb.SEND_STATUS_ACCEPTED,
