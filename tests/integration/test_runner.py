@@ -198,6 +198,21 @@ async def assert_status_crosses_gateway_and_campaign(
         assert reply.json()["id"] == campaign_id
         assert reply.json()["state"] == "DRAFT"
         assert (await client.get("/readyz")).status_code == 200
+        # A wrong key and a bad callback signature are refused and logged without the secrets.
+        assert (
+            await client.get("/v1/campaigns/x/status", headers={"Authorization": f"Bearer {key}x"})
+        ).status_code == 401
+        assert (
+            await client.post(
+                "/v1/providers/sandbox/events", content=b"{}", headers={"X-Sandbox-Signature": "sha256=00"}
+            )
+        ).status_code == 401
+    secret = (data_dir / "sandbox-callback.secret").read_text().strip()
+    assert secret
+    for log in (data_dir / "logs").glob("*.log"):
+        text = log.read_text(errors="replace")
+        assert key not in text and key.rsplit("_", 1)[-1] not in text, f"the admin key leaked into {log.name}"
+        assert secret not in text, f"the callback secret leaked into {log.name}"
 
 
 async def test_mesh_is_healthy_within_budget_and_ctrl_c_leaves_nothing(tmp_path: Path) -> None:
