@@ -12,7 +12,7 @@ PROTOS := $(wildcard protos/shoal/v1/*.proto)
 GENERATED := libs/shoal/v1/.generated
 PYTEST_ARGS ?=
 
-.PHONY: help install protos lint test test-all test-slow run fresh clean
+.PHONY: help install protos lint test test-slow chaos run fresh clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -47,6 +47,9 @@ test: install ## the suite CI runs (real NATS, gRPC, SQLite; PostgreSQL when SHO
 
 test-slow: install ## the long suites (crash and scale tests), not part of make test
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+chaos: install ## fault scenarios over the whole mesh (tests/chaos; also part of make test)
+	$(BIN)/python -m pytest tests/chaos $(PYTEST_ARGS)
 
 run: install ## start the whole mesh on embedded defaults (Ctrl-C stops it all)
 	$(BIN)/python -m shoal.runner $(ARGS)
