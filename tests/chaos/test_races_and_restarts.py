@@ -117,3 +117,51 @@ async def test_wait_crosses_a_killed_execution_process(nats_url: str, tmp_path: 
         keys = sandbox_keys(m)
         assert len(keys) == len(set(keys)) == 40
         assert sum(k.endswith(":s2") for k in keys) == 20
+
+
+async def test_flapping_provider_retries_without_duplicates(nats_url: str, tmp_path: Path) -> None:
+    async with mesh(
+        nats_url=nats_url,
+        tmp_path=tmp_path,
+        execution={"batch_size": 50, "provider_batch_size": 20, "retry_backoff_seconds": 0.2},
+        sandbox_env={"SHOAL_SANDBOX_FAILURE_RATE": "0.3", "SHOAL_SANDBOX_FAILURE_SEED": "7"},
+    ) as m:
+        ws = m.workspace_id
+        await m.billing.TopUp(bpb.TopUpRequest(workspace_id=ws, amount_cents=5_000))
+        segment_id = await seed_audience(m, 300, tag="flap")
+        template_id = await email_template(m)
+        created = await m.campaign.CreateCampaign(
+            cpb.CreateCampaignRequest(
+                workspace_id=ws,
+                name="flap",
+                segment_id=segment_id,
+                trigger=cpb.Trigger(manual=cpb.ManualTrigger()),
+                flow=cpb.Flow(steps=[send_step("s1", template_id), cpb.Step(id="e1", end=cpb.EndStep())]),
+            )
+        )
+        await m.campaign.StartCampaign(
+            cpb.StartCampaignRequest(workspace_id=ws, campaign_id=created.campaign.id)
+        )
+        done = await wait_state(m, created.campaign.id, cpb.CAMPAIGN_STATE_COMPLETED, timeout=60)
+        assert done.counts.completed == 300 and done.counts.failed == 0
+        # The flapping really happened: a retried execution went around once more (step_seq > 1).
+        seqs: list[int] = []
+        token = ""
+        while True:
+            page = await m.execution.ListExecutions(
+                epb.ListExecutionsRequest(
+                    workspace_id=ws,
+                    run_id=done.run_id,
+                    page=common.PageRequest(page_size=1000, page_token=token),
+                )
+            )
+            seqs.extend(e.step_seq for e in page.executions)
+            token = page.page.next_page_token
+            if not token:
+                break
+        retried = sum(1 for q in seqs if q > 1)
+        assert 30 < retried < 270, f"{retried} of 300 executions were retried"
+        keys = sandbox_keys(m)
+        assert len(keys) == len(set(keys)) == 300
+        balance = await m.billing.GetBalance(bpb.GetBalanceRequest(workspace_id=ws))
+        assert (balance.balance.reserved_cents, balance.balance.free_cents) == (0, 5_000 - 300)
