@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from email.utils import parseaddr
+
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from services.execution.providers.base import Channel
+from services.execution.providers.registry import check_default, configured
 from shoal.config import ServiceSettings
 
 
@@ -36,3 +40,50 @@ class ExecutionSettings(ServiceSettings):
     breaker_failure_rate: float = Field(default=0.5, gt=0, le=1)
     breaker_consecutive_failures: int = Field(default=5, ge=1, le=10_000)
     breaker_open_seconds: float = Field(default=10.0, gt=0, le=3600)
+
+    # -- providers (see providers/registry.py) ---------------------------------------------------
+    # SMTP: configured when the host is set. STARTTLS is required by default (credentials and
+    # content must not cross the network in clear); `smtp_tls` is implicit TLS (port 465) instead.
+    smtp_host: str = Field(default="", description="SMTP server; empty means no smtp provider")
+    smtp_port: int = Field(default=587, ge=1, le=65535)
+    smtp_username: str = ""
+    smtp_password: SecretStr = SecretStr("")
+    smtp_starttls: bool = Field(default=True, description="Require STARTTLS (ignored with smtp_tls)")
+    smtp_tls: bool = Field(default=False, description="Implicit TLS from the first byte (port 465)")
+    smtp_from: str = Field(
+        default="",
+        validate_default=True,
+        description="From header and envelope sender, `addr@domain` or `Name <addr@domain>`",
+    )
+    smtp_timeout: float = Field(default=10.0, gt=0, le=300, description="Per SMTP command, seconds")
+    # Connections kept open to the server; a batch's messages go out over them in parallel
+    # (aiosmtplib does not pipeline commands within one connection).
+    smtp_pool_size: int = Field(default=4, ge=1, le=64)
+    # HTTP carrier for SMS and RCS: configured when the URL is set.
+    http_provider_url: str = Field(default="", description="Carrier API base; empty means no http provider")
+    http_provider_token: SecretStr = SecretStr("")
+    http_provider_timeout: float = Field(default=5.0, gt=0, le=120)
+    # Which provider a channel uses when a SEND node names none (checked against the above).
+    email_provider: str = Field(default="sandbox", validate_default=True)
+    sms_provider: str = Field(default="sandbox", validate_default=True)
+    rcs_provider: str = Field(default="sandbox", validate_default=True)
+
+    @field_validator("smtp_from")
+    @classmethod
+    def _from_required_with_smtp(cls, value: str, info: ValidationInfo) -> str:
+        if not info.data.get("smtp_host"):
+            return value
+        if not value:
+            raise ValueError("required when SHOAL_EXECUTION_SMTP_HOST is set")
+        if "@" not in parseaddr(value)[1]:
+            raise ValueError("must be an address, `addr@domain` or `Name <addr@domain>`")
+        return value
+
+    @field_validator("email_provider", "sms_provider", "rcs_provider")
+    @classmethod
+    def _default_provider_configured(cls, value: str, info: ValidationInfo) -> str:
+        channel = Channel(str(info.field_name).removesuffix("_provider").upper())
+        available = configured(
+            smtp_host=info.data.get("smtp_host", ""), http_provider_url=info.data.get("http_provider_url", "")
+        )
+        return check_default(channel, value, available)
