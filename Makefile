@@ -48,8 +48,8 @@ test: install ## the suite CI runs (real NATS, gRPC, SQLite; PostgreSQL when SHO
 test-slow: install ## the long suites (crash and scale tests), not part of make test
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
-chaos: install ## fault scenarios over the whole mesh (tests/chaos; also part of make test)
-	$(BIN)/python -m pytest tests/chaos $(PYTEST_ARGS)
+chaos: install ## fault scenarios over the whole mesh; rewrites docs/reliability.md (also run by make test)
+	SHOAL_RELIABILITY_REPORT=docs/reliability.md $(BIN)/python -m pytest tests/chaos $(PYTEST_ARGS)
 
 run: install ## start the whole mesh on embedded defaults (Ctrl-C stops it all)
 	$(BIN)/python -m shoal.runner $(ARGS)

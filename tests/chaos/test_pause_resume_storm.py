@@ -15,6 +15,7 @@ import grpc
 from shoal.errors import from_rpc_error
 from shoal.v1 import billing_pb2 as bpb
 from shoal.v1 import campaign_pb2 as cpb
+from tests.chaos.conftest import Recorder
 from tests.integration.test_execution_faults import (
     email_template,
     sandbox_keys,
@@ -29,12 +30,16 @@ AUDIENCE = 1_000
 STORM = 100
 
 
-async def test_pause_resume_storm_sends_each_contact_once(nats_url: str, tmp_path: Path) -> None:
+async def test_pause_resume_storm_sends_each_contact_once(
+    nats_url: str, tmp_path: Path, reliability: Recorder
+) -> None:
     async with mesh(
         nats_url=nats_url,
         tmp_path=tmp_path,
-        execution={"batch_size": 50, "provider_batch_size": 25},
-        sandbox_env={"SHOAL_SANDBOX_LATENCY_MS": "5"},
+        # A slow carrier (300 ms per call of 10 messages, one call at a time) keeps the run going
+        # for well over the storm, so every pause and resume lands while work is in flight.
+        execution={"batch_size": 50, "provider_batch_size": 10, "provider_concurrency": 1},
+        sandbox_env={"SHOAL_SANDBOX_LATENCY_MS": "300"},
     ) as m:
         ws = m.workspace_id
         await m.billing.TopUp(bpb.TopUpRequest(workspace_id=ws, amount_cents=10_000))
@@ -57,13 +62,18 @@ async def test_pause_resume_storm_sends_each_contact_once(nats_url: str, tmp_pat
                 assert from_rpc_error(exc).reason == "wrong_state", exc
                 refused += 1
                 break
-        assert pauses == resumes
-        assert pauses > 0
-        done = await wait_state(m, campaign_id, cpb.CAMPAIGN_STATE_COMPLETED, timeout=120)
+        assert pauses == resumes == STORM, f"the run ended after {pauses} pauses ({refused} refused)"
+        done = await wait_state(m, campaign_id, cpb.CAMPAIGN_STATE_COMPLETED, timeout=180)
         assert done.counts.completed == AUDIENCE and done.sent == AUDIENCE
         keys = sandbox_keys(m)
         assert len(keys) == AUDIENCE, f"{len(keys)} messages for {AUDIENCE} contacts after {pauses} pauses"
         assert len(set(keys)) == AUDIENCE
+        reliability.record(
+            contacts=AUDIENCE,
+            faults=f"{pauses} pause/resume pairs during the run",
+            sent_keys=keys,
+            final_state="COMPLETED",
+        )
         balance = await m.billing.GetBalance(bpb.GetBalanceRequest(workspace_id=ws))
         assert balance.balance.reserved_cents == 0
         assert balance.balance.free_cents == 10_000 - AUDIENCE

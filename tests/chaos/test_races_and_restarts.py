@@ -13,6 +13,7 @@ from shoal.v1 import campaign_pb2 as cpb
 from shoal.v1 import common_pb2 as common
 from shoal.v1 import execution_pb2 as epb
 from shoal.v1 import template_pb2 as tpb
+from tests.chaos.conftest import Recorder
 from tests.helpers import wait_for
 from tests.integration.test_execution_faults import email_template, sandbox_keys, seed_audience, wait_state
 from tests.mesh import mesh
@@ -29,7 +30,9 @@ def send_step(step_id: str, template_id: str) -> cpb.Step:
     )
 
 
-async def test_racing_triggers_with_one_key_start_one_run(nats_url: str, tmp_path: Path) -> None:
+async def test_racing_triggers_with_one_key_start_one_run(
+    nats_url: str, tmp_path: Path, reliability: Recorder
+) -> None:
     async with mesh(nats_url=nats_url, tmp_path=tmp_path) as m:
         ws = m.workspace_id
         await m.billing.TopUp(bpb.TopUpRequest(workspace_id=ws, amount_cents=5_000))
@@ -60,11 +63,19 @@ async def test_racing_triggers_with_one_key_start_one_run(nats_url: str, tmp_pat
         assert [r.id for r in runs.runs] == list(run_ids)
         keys = sandbox_keys(m)
         assert len(keys) == len(set(keys)) == 50
+        reliability.record(
+            contacts=50,
+            faults="2 concurrent API triggers, one idempotency key",
+            sent_keys=keys,
+            final_state="COMPLETED, one run",
+        )
         again = await m.campaign.TriggerCampaign(request)
         assert again.replayed and again.run_id in run_ids
 
 
-async def test_wait_crosses_a_killed_execution_process(nats_url: str, tmp_path: Path) -> None:
+async def test_wait_crosses_a_killed_execution_process(
+    nats_url: str, tmp_path: Path, reliability: Recorder
+) -> None:
     async with mesh(
         nats_url=nats_url,
         tmp_path=tmp_path,
@@ -117,9 +128,17 @@ async def test_wait_crosses_a_killed_execution_process(nats_url: str, tmp_path: 
         keys = sandbox_keys(m)
         assert len(keys) == len(set(keys)) == 40
         assert sum(k.endswith(":s2") for k in keys) == 20
+        reliability.record(
+            contacts=20,
+            faults="kill -9 of the execution process during a WAIT (2 sends each)",
+            sent_keys=[k for k in keys if k.endswith(":s2")],
+            final_state="COMPLETED",
+        )
 
 
-async def test_flapping_provider_retries_without_duplicates(nats_url: str, tmp_path: Path) -> None:
+async def test_flapping_provider_retries_without_duplicates(
+    nats_url: str, tmp_path: Path, reliability: Recorder
+) -> None:
     async with mesh(
         nats_url=nats_url,
         tmp_path=tmp_path,
@@ -163,5 +182,11 @@ async def test_flapping_provider_retries_without_duplicates(nats_url: str, tmp_p
         assert 30 < retried < 270, f"{retried} of 300 executions were retried"
         keys = sandbox_keys(m)
         assert len(keys) == len(set(keys)) == 300
+        reliability.record(
+            contacts=300,
+            faults=f"provider fails 30% of items; {retried} executions retried",
+            sent_keys=keys,
+            final_state="COMPLETED",
+        )
         balance = await m.billing.GetBalance(bpb.GetBalanceRequest(workspace_id=ws))
         assert (balance.balance.reserved_cents, balance.balance.free_cents) == (0, 5_000 - 300)
