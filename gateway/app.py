@@ -14,7 +14,8 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import RedirectResponse
+from fastapi.responses import RedirectResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway import errors
 from gateway.auth import Authenticator
@@ -24,6 +25,7 @@ from gateway.config import GatewaySettings
 from gateway.keys import MIGRATIONS
 from gateway.routers import campaigns, health, providers
 from gateway.telemetry import telemetry_config
+from shoal import metrics as shoal_metrics
 from shoal.db import Database
 
 DESCRIPTION = """
@@ -106,6 +108,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.add_middleware(
         BodyLimit, max_bytes=settings.max_body_bytes, callback_max_bytes=settings.callback_max_bytes
     )
+    # Outermost of ours (added last): counts the body limit's 413s too. Probes and scrapes are not counted.
+    metrics = shoal_metrics.default()
+    app.add_middleware(
+        shoal_metrics.HttpMetricsMiddleware, metrics=metrics, skip_paths=("/healthz", "/readyz", "/metrics")
+    )
     app.include_router(health.router)
     app.include_router(campaigns.router)
     app.include_router(providers.router)
@@ -113,6 +120,12 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @app.get("/", include_in_schema=False)
     async def root() -> RedirectResponse:
         return RedirectResponse("/docs")
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics_text() -> Response:
+        # Unauthenticated, like the probes (Prometheus scrapes it); a plain def runs in the thread
+        # pool, so the exposition is not rendered on the event loop.
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     def openapi() -> dict[str, Any]:
         return _openapi(app)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
+from operator import attrgetter
 from typing import Any
 
 from google.protobuf import timestamp_pb2
@@ -15,6 +17,7 @@ from services.billing.config import BillingSettings
 from services.billing.models import LedgerEntry, Price
 from services.billing.outbox import Outbox
 from services.billing.pricing import SendCost, estimate, price_of
+from shoal import metrics as shoal_metrics
 from shoal.db import Database
 from shoal.errors import InvalidArgument
 from shoal.v1 import billing_pb2 as pb
@@ -23,6 +26,14 @@ from shoal.v1 import billing_pb2_grpc
 log = logging.getLogger(__name__)
 
 MAX_HOLD_ITEMS = 10_000
+
+# `shoal_holds_total{outcome}` by the status HoldBatch answers.
+_HOLD_OUTCOME_OF = {
+    pb.HOLD_STATUS_HELD: "held",
+    pb.HOLD_STATUS_CAPTURED: "captured",
+    pb.HOLD_STATUS_INSUFFICIENT_BALANCE: "insufficient_balance",
+    pb.HOLD_STATUS_RELEASED: "released",
+}
 
 
 def require_workspace(workspace_id: str) -> str:
@@ -64,8 +75,11 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
         reloader: AutoReloader,
         settings: BillingSettings,
         clock: Clock = utc_now,
+        metrics: shoal_metrics.Metrics | None = None,
     ) -> None:
         self.db = db
+        holds = (metrics or shoal_metrics.default()).holds
+        self._holds = {status: holds.labels(outcome=name) for status, name in _HOLD_OUTCOME_OF.items()}
         self.outbox = outbox
         self.reloader = reloader
         self.settings = settings
@@ -278,6 +292,10 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
             return ledger.hold_batch(session, account=account, items=items, now=now, daily_reload_cap=cap)
 
         outcome = await self.db.run(work)
+        for status, count in Counter(map(attrgetter("status"), outcome.answers)).items():
+            counter = self._holds.get(status)
+            if counter is not None:
+                counter.inc(count)
         # After the commit, and without waiting: neither NATS nor the payment gateway may slow a hold.
         if outcome.events:
             self.outbox.kick()

@@ -1,6 +1,7 @@
 """What the campaign service hears on the bus: run progress (completion), provider breakers
 (PAUSED_ERROR), balance exhaustion (PAUSED_BALANCE), contact events (event triggers), and the
-scheduler loop. One durable consumer per kind, so each is acknowledged on its own."""
+scheduler loop. One durable consumer per kind, so each is acknowledged on its own; their lag is
+polled into `shoal_consumer_lag`."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from google.protobuf.message import Message
 
 from services.campaign.lifecycle import Lifecycle
 from shoal.bus import STREAM_EVENTS, Bus, Delivery, consume
+from shoal.metrics import ConsumerLagPoller
 from shoal.v1 import events_pb2 as ev
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,8 @@ async def start(
             )
         )
     tasks.append(asyncio.create_task(scheduler(lifecycle, stop, scheduler_interval), name="scheduler"))
+    lag = ConsumerLagPoller(bus, [(STREAM_EVENTS, durable) for durable, *_ in routes])
+    tasks.append(asyncio.create_task(lag.run(stop), name="consumer-lag"))
     return tasks
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from services.execution.providers.base import (
 from services.execution.providers.registry import default_provider_for
 from services.execution.repo import COMPLETED, FAILED, PENDING, SKIPPED, ExecRow, NewSend, Outcome
 from shoal import flow as flows
+from shoal import metrics as shoal_metrics
 from shoal.bus import Bus, Delivery, Outgoing
 from shoal.campaign_states import RUNNING, CampaignStates
 from shoal.db import Database
@@ -128,6 +130,7 @@ class Engine:
         providers: dict[str, Provider],
         states: CampaignStates,
         settings: ExecutionSettings,
+        metrics: shoal_metrics.Metrics | None = None,
     ) -> None:
         self.db = db
         self.bus = bus
@@ -147,6 +150,15 @@ class Engine:
             open_seconds=settings.breaker_open_seconds,
         )
         self.breakers = {name: Breaker(name, policy) for name in providers}
+        # Metrics: labelled children bound once, so the hot path is one .inc(n) / .observe per group.
+        self.metrics = metrics or shoal_metrics.default()
+        self._node_seconds = {
+            kind: self.metrics.node_seconds.labels(node_type=kind) for kind in flows.NODE_TYPES
+        }
+        self._breaker_gauges = {name: self.metrics.breaker_state.labels(provider=name) for name in providers}
+        for breaker in self.breakers.values():
+            self._show_breaker(breaker)
+        self._send_counters: dict[tuple[str, str], dict[str, Any]] = {}
 
     # -- the batch ------------------------------------------------------------------------------
 
@@ -210,6 +222,15 @@ class Engine:
             w.park(FAILED, reason="flow did not reach a parking node")
 
     async def run_node(self, node: flows.Node, work: list[Work], result: BatchResult) -> None:
+        started = time.perf_counter()
+        try:
+            await self._run_node(node, work, result)
+        finally:
+            histogram = self._node_seconds.get(node.kind)
+            if histogram is not None:
+                histogram.observe(time.perf_counter() - started)
+
+    async def _run_node(self, node: flows.Node, work: list[Work], result: BatchResult) -> None:
         run = work[0].run
         with tracer.start_as_current_span(
             f"shoal.node {node.kind}",
@@ -455,14 +476,26 @@ class Engine:
         used = Channel.parse(common.Channel.Name(channel))
         # A node's provider serves its own channel; a fallback SMS goes to the SMS default.
         provider_name = (send.provider if channel == send.channel else "") or default_provider_for(used)
-        provider = self.providers[provider_name]
+        provider = self.providers.get(provider_name)
+        if provider is None:
+            # A flow naming a provider this deployment does not have: nothing can send it.
+            for w, _e, _m, _amount in to_send:
+                result.release[ws].append(_send_key(w, node))
+                w.park(FAILED, reason=f"provider {provider_name!r} is not configured")
+            return
         outbound = [_outbound(w, e, m, node, used) for w, e, m, _ in to_send]
         results = await self._send_in_chunks(provider, outbound)
+        unavailable = accepted = duplicate = retryable = failed = 0
         for (w, _e, m, amount), res in zip(to_send, results, strict=True):
             key = _send_key(w, node)
             if isinstance(res, ProviderError):
+                unavailable += 1
                 w.park(PENDING, reason=f"provider unavailable: {res.reason}", wake_at=self._retry_at())
             elif res.ok:
+                if res.status == "duplicate":
+                    duplicate += 1
+                else:
+                    accepted += 1
                 result.sends.append(
                     NewSend(
                         key,
@@ -483,10 +516,38 @@ class Engine:
                 result.capture[ws].append(key)
                 w.node_id = node.next
             elif res.retryable:
+                retryable += 1
                 w.park(PENDING, reason=f"provider: {res.error}", wake_at=self._retry_at())
             else:
+                failed += 1
                 result.release[ws].append(key)
                 w.park(FAILED, reason=f"provider: {res.error}")
+        counters = self._sends_of(used, provider_name)
+        for outcome, count in (
+            ("accepted", accepted),
+            ("duplicate", duplicate),
+            ("retryable", retryable),
+            ("failed", failed),
+            ("unavailable", unavailable),
+        ):
+            if count:
+                counters[outcome].inc(count)
+
+    def _sends_of(self, channel: Channel, provider: str) -> dict[str, Any]:
+        """`shoal_sends_total` children of one channel and provider, one per outcome (bound once)."""
+        counters = self._send_counters.get((channel, provider))
+        if counters is None:
+            sends = self.metrics.sends
+            counters = self._send_counters[(channel, provider)] = {
+                outcome: sends.labels(channel=channel.value, provider=provider, outcome=outcome)
+                for outcome in shoal_metrics.SEND_OUTCOMES
+            }
+        return counters
+
+    def _show_breaker(self, breaker: Breaker) -> None:
+        gauge = self._breaker_gauges.get(breaker.name)
+        if gauge is not None:
+            gauge.set(shoal_metrics.BREAKER_STATES[breaker.state])
 
     async def _send_in_chunks(
         self, provider: Provider, messages: list[OutboundMessage]
@@ -498,7 +559,9 @@ class Engine:
 
         async def one(chunk: list[OutboundMessage]) -> list[SendResult | ProviderError]:
             async with self.provider_slots:
-                if not breaker.allow():
+                allowed = breaker.allow()
+                self._show_breaker(breaker)  # allow() moves an open breaker to half-open
+                if not allowed:
                     return [ProviderUnavailable(provider.name, "circuit breaker open")] * len(chunk)
                 try:
                     results: list[SendResult | ProviderError] = list(await provider.send_batch(chunk))
@@ -507,8 +570,12 @@ class Engine:
                     results = [exc] * len(chunk)
                     changed = breaker.record(ok=False)
                 except ProviderError as exc:
-                    # Our request was refused: says nothing about the provider's health.
-                    return [exc] * len(chunk)
+                    # Our request was refused: the provider answered, so it is up. Recorded as a
+                    # success (it says nothing against the provider's health), which also ends a
+                    # half-open probe instead of leaving it in flight for good.
+                    results = [exc] * len(chunk)
+                    changed = breaker.record(ok=True)
+                self._show_breaker(breaker)
             if changed is not None:
                 await self.announce_breaker(breaker, changed)
             return results

@@ -23,6 +23,7 @@ from sqlalchemy import select, update
 
 from services.execution import repo
 from shoal import flow as flows
+from shoal import metrics as shoal_metrics
 from shoal.bus import Bus, Outgoing
 from shoal.db import Database
 from shoal.telemetry import ATTR_CAMPAIGN_ID, ATTR_RUN_ID, inject
@@ -53,8 +54,10 @@ class Fanout:
         owner: str,
         on_progress: Any,
         renudge: timedelta,
+        metrics: shoal_metrics.Metrics | None = None,
     ) -> None:
         self.renudge = renudge
+        self.metrics = metrics or shoal_metrics.default()
         self.db = db
         self.bus = bus
         self.segment = segment
@@ -192,6 +195,7 @@ class Fanout:
             return [(r.id, 0) for r in rows]
 
         steps = await self.db.run(insert)
+        self.metrics.record_fanout(len(steps))
         await self._publish(run, steps)
         return len(steps)
 
@@ -218,7 +222,7 @@ class Fanout:
 
         ids = [execution_id(run.id, cid) for cid in contact_ids]
 
-        def insert(session: Any) -> None:
+        def insert(session: Any) -> int:
             known = repo.existing_contacts(session, run_id=run.id, contact_ids=contact_ids)
             rows = [
                 repo.NewExecution(ex_id, cid, 0)
@@ -235,8 +239,10 @@ class Fanout:
             )
             if rows:
                 repo.move_counters(session, {run.id: Counter(pending=len(rows))})
+            return len(rows)
 
-        await self.db.run(insert)
+        # Counted after the commit, and only the rows new in it: a resumed page adds none twice.
+        self.metrics.record_fanout(await self.db.run(insert))
         # Publish for the whole page: after a crash, known rows may still lack their message.
         await self._publish(run, [(ex_id, 0) for ex_id in ids])
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -10,8 +11,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, func, select
 
+from services.execution import repo
 from services.execution.config import ExecutionSettings
 from services.execution.engine import Engine
 from services.execution.fanout import Fanout
@@ -23,11 +25,37 @@ from shoal.bus import STREAM_EXEC, Bus, consume
 from shoal.campaign_states import CampaignStates
 from shoal.db import Database
 from shoal.grpc import GrpcServer, ServiceBinding
+from shoal.metrics import EXECUTION_STATES, ConsumerLagPoller, Metrics
+from shoal.metrics import default as default_metrics
 from shoal.v1 import events_pb2, execution_pb2, execution_pb2_grpc
 
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
 WORKERS_DURABLE = "execution-workers"
+# How often `shoal_executions_by_state` is recounted (one SUM over the runs' counters).
+STATE_COUNT_SECONDS = 5.0
+
+
+def count_by_state(session: Any) -> dict[str, int]:
+    """Executions per state over all runs, from the run counters (moved in the same transactions
+    as the executions): one aggregate over the runs table, never a scan of the executions."""
+    row = session.execute(
+        select(*(func.coalesce(func.sum(getattr(repo.R.c, s)), 0) for s in EXECUTION_STATES))
+    ).one()
+    return {state: int(n) for state, n in zip(EXECUTION_STATES, row, strict=True)}
+
+
+async def count_states(db: Database, stop: asyncio.Event, *, metrics: Metrics, interval: float) -> None:
+    """Publish `shoal_executions_by_state` every `interval` seconds until `stop`."""
+    while not stop.is_set():
+        try:
+            metrics.set_executions_by_state(await db.run(count_by_state))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.warning("counting executions by state failed", exc_info=True)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=interval)
 
 
 def _bigger_page_cache(db: Database) -> None:
@@ -57,6 +85,7 @@ async def build(settings: ExecutionSettings, *, namespace: str = "") -> GrpcServ
     renudge = timedelta(seconds=settings.renudge_seconds)
 
     if settings.workers:
+        metrics = default_metrics()
         await bus.ensure_consumer(
             STREAM_EXEC,
             WORKERS_DURABLE,
@@ -64,7 +93,15 @@ async def build(settings: ExecutionSettings, *, namespace: str = "") -> GrpcServ
             max_deliver=settings.max_deliver,
             ack_wait=max(30.0, settings.lease_seconds),
         )
-        engine = Engine(db=db, bus=bus, peers=peers, providers=providers, states=states, settings=settings)
+        engine = Engine(
+            db=db,
+            bus=bus,
+            peers=peers,
+            providers=providers,
+            states=states,
+            settings=settings,
+            metrics=metrics,
+        )
         fanout = Fanout(
             db=db,
             bus=bus,
@@ -73,6 +110,7 @@ async def build(settings: ExecutionSettings, *, namespace: str = "") -> GrpcServ
             owner=f"{socket.gethostname()}:{os.getpid()}",
             renudge=renudge,
             on_progress=engine.publish_progress,
+            metrics=metrics,
         )
         timer = TimerLoop(
             db=db, bus=bus, states=states, interval=settings.timer_interval_seconds, renudge=renudge
@@ -95,6 +133,13 @@ async def build(settings: ExecutionSettings, *, namespace: str = "") -> GrpcServ
                 )
             )
         tasks.append(asyncio.create_task(timer.run(stop), name="timers"))
+        tasks.append(
+            asyncio.create_task(
+                count_states(db, stop, metrics=metrics, interval=STATE_COUNT_SECONDS), name="state-counts"
+            )
+        )
+        lag = ConsumerLagPoller(bus, [(STREAM_EXEC, WORKERS_DURABLE)], metrics)
+        tasks.append(asyncio.create_task(lag.run(stop), name="consumer-lag"))
         await fanout.resume_all()
         tasks.append(asyncio.create_task(fanout.watch(stop), name="fanout-watch"))
 

@@ -13,7 +13,8 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Query
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.sandbox.carrier import (
@@ -28,6 +29,7 @@ from services.sandbox.carrier import (
 from services.sandbox.config import SandboxSettings
 from services.sandbox.receipts import ReceiptSender, plan
 from services.sandbox.store import MessageFilter, MessageLog
+from shoal import metrics as shoal_metrics
 
 log = logging.getLogger(__name__)
 
@@ -175,10 +177,19 @@ def create_app(settings: SandboxSettings) -> FastAPI:
 
     app = FastAPI(title="Shoal sandbox carrier", version="1", lifespan=lifespan)
     app.state.sandbox = sandbox
+    metrics = shoal_metrics.default()
+    app.add_middleware(
+        shoal_metrics.HttpMetricsMiddleware, metrics=metrics, skip_paths=("/healthz", "/metrics")
+    )
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics_text() -> Response:
+        # A plain def: rendered in the thread pool, not on the event loop.
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/messages:batch")
     async def send_batch(batch: SendBatch) -> JSONResponse:
