@@ -8,12 +8,9 @@ logged before serving starts. SIGTERM/SIGINT stop accepting, let in-flight reque
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
-import socket
 import sys
-from collections.abc import Iterator
 
 import uvicorn
 
@@ -21,33 +18,12 @@ from gateway.app import create_app
 from gateway.config import GatewaySettings
 from shoal import telemetry
 from shoal.config import ConfigError
+from shoal.http import QuietServer, bind
 
 log = logging.getLogger("gateway")
 
 EXIT_CONFIG = 2
 EXIT_STARTUP = 3
-
-
-class GatewayServer(uvicorn.Server):
-    """uvicorn without its own signal handling.
-
-    uvicorn's handlers re-raise the signal after shutdown, so a clean SIGTERM would end with
-    status -15 instead of 0; `serve` installs loop handlers instead.
-    """
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-def bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    # Listening before announcing the port: early connections wait in the backlog, not refused.
-    sock.listen(2048)
-    return sock
 
 
 async def serve(settings: GatewaySettings) -> int:
@@ -66,7 +42,7 @@ async def serve(settings: GatewaySettings) -> int:
         loop="asyncio",
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) or None,
     )
-    server = GatewayServer(config)
+    server = QuietServer(config)
 
     def on_signal(signum: signal.Signals) -> None:
         if server.should_exit:

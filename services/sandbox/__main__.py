@@ -8,12 +8,9 @@ SHOAL_SANDBOX_PORT_FILE). The port file means "bound"; `/healthz` answering mean
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
-import socket
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import uvicorn
@@ -23,34 +20,12 @@ from services.sandbox.app import create_app
 from services.sandbox.config import SandboxSettings
 from shoal import telemetry
 from shoal.config import ConfigError
+from shoal.http import QuietServer, bind
 
 log = logging.getLogger("services.sandbox")
 
 EXIT_CONFIG = 2
 EXIT_STARTUP = 3
-
-
-class SandboxServer(uvicorn.Server):
-    """uvicorn without its own signal handling.
-
-    uvicorn's handlers re-raise the signal after shutdown, so a clean SIGTERM would end with
-    status -15 instead of 0; `serve` installs loop handlers instead.
-    """
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-def bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    # Listening before the port is published: early connections wait in the backlog instead
-    # of being refused.
-    sock.listen(2048)
-    return sock
 
 
 def write_port_file(path: Path, port: int) -> None:
@@ -75,7 +50,7 @@ async def serve(settings: SandboxSettings) -> int:
         lifespan="on",
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) or None,
     )
-    server = SandboxServer(config)
+    server = QuietServer(config)
 
     def on_signal(signum: signal.Signals) -> None:
         if server.should_exit:
