@@ -8,80 +8,21 @@ The gateway is served by uvicorn on a socket bound before the mesh starts, so th
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import secrets
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-import uvicorn
 from google.protobuf import duration_pb2
 
-from gateway.__main__ import GatewayServer, bind
-from gateway.app import create_app
-from gateway.config import GatewaySettings
-from gateway.keys import create_key
 from shoal.v1 import billing_pb2 as bpb
 from shoal.v1 import campaign_pb2 as cpb
 from shoal.v1 import segment_pb2 as spb
 from shoal.v1 import template_pb2 as tpb
+from tests.e2e.rest import rest_mesh
 from tests.e2e.test_thin_run import EMAIL, MESSAGE, seed
 from tests.helpers import wait_for
-from tests.mesh import Mesh, mesh
+from tests.mesh import Mesh
 
-SECRET = secrets.token_urlsafe(32)
 MISSING = "9a4c0d5e-0000-4000-8000-123456789abc"
-
-
-@dataclass
-class Rest:
-    app: Any
-    client: httpx.AsyncClient
-
-    async def key(self, workspace: str, *scopes: str) -> dict[str, str]:
-        created = await self.app.state.auth.db.run(
-            create_key, workspace_id=workspace, scopes=list(scopes or ("admin",))
-        )
-        return {"Authorization": f"Bearer {created.key}"}
-
-
-@contextlib.asynccontextmanager
-async def rest_mesh(nats_url: str, tmp_path: Path) -> AsyncIterator[tuple[Mesh, Rest]]:
-    sock = bind("127.0.0.1", 0)
-    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    sandbox_env = {
-        "SHOAL_SANDBOX_CALLBACK_URL": f"{base}/v1/providers/sandbox/events",
-        "SHOAL_SANDBOX_CALLBACK_SECRET": SECRET,
-        "SHOAL_SANDBOX_OPEN_RATE": "1",
-        "SHOAL_SANDBOX_CLICK_RATE": "0",
-        "SHOAL_SANDBOX_RECEIPT_FLUSH_MS": "20",
-    }
-    try:
-        async with mesh(nats_url=nats_url, tmp_path=tmp_path, sandbox_env=sandbox_env) as m:
-            settings = GatewaySettings.load(
-                campaign_addr=m.address("campaign"),
-                execution_addr=m.address("execution"),
-                nats_url=nats_url,
-                namespace=m.namespace,
-                data_dir=tmp_path / "gateway",
-                sandbox_callback_secret=SECRET,
-                log_json=False,
-            )
-            app = create_app(settings)
-            server = GatewayServer(uvicorn.Config(app, log_config=None, lifespan="on", loop="asyncio"))
-            serving = asyncio.create_task(server.serve(sockets=[sock]))
-            try:
-                await wait_for(lambda: server.started, timeout=10)
-                async with httpx.AsyncClient(base_url=base, timeout=10) as client:
-                    yield m, Rest(app, client)
-            finally:
-                server.should_exit = True
-                await asyncio.wait_for(serving, timeout=10)
-    finally:
-        sock.close()
 
 
 def flow(template_id: str) -> cpb.Flow:

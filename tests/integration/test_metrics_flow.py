@@ -20,7 +20,7 @@ from shoal.bus import STREAM_EVENTS, STREAM_EXEC
 from shoal.metrics import default as default_metrics
 from shoal.v1 import billing_pb2 as bpb
 from shoal.v1 import campaign_pb2 as cpb
-from tests.e2e.test_rest_campaigns import rest_mesh
+from tests.e2e.rest import rest_mesh
 from tests.e2e.test_thin_run import PEOPLE, seed, send_end_flow
 from tests.helpers import wait_for
 from tests.integration.test_execution_faults import email_template, seed_audience, start_campaign, wait_state
