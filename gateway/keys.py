@@ -48,8 +48,14 @@ class Scope(enum.StrEnum):
     CAMPAIGNS_READ = "campaigns:read"
     CAMPAIGNS_TRIGGER = "campaigns:trigger"
     CAMPAIGNS_WRITE = "campaigns:write"
+    CONTACTS_READ = "contacts:read"
     CONTACTS_WRITE = "contacts:write"
+    TEMPLATES_READ = "templates:read"
+    TEMPLATES_WRITE = "templates:write"
+    BILLING_READ = "billing:read"
     BILLING_WRITE = "billing:write"
+    WEBHOOKS_READ = "webhooks:read"
+    WEBHOOKS_WRITE = "webhooks:write"
     ADMIN = "admin"
 
 
@@ -64,7 +70,11 @@ class Principal:
     campaign_ids: frozenset[str]
 
     def allows(self, scope: Scope) -> bool:
-        return Scope.ADMIN in self.scopes or scope in self.scopes
+        """`admin` allows everything; `<resource>:write` also allows `<resource>:read`."""
+        if Scope.ADMIN in self.scopes or scope in self.scopes:
+            return True
+        resource, _, action = scope.value.partition(":")
+        return action == "read" and f"{resource}:write" in self.scopes
 
     def may_touch_campaign(self, campaign_id: str) -> bool:
         return not self.campaign_ids or campaign_id.lower() in self.campaign_ids

@@ -108,7 +108,7 @@ async def test_the_secret_is_compared_in_constant_time(gw: Gateway, monkeypatch:
     [
         ("campaigns:read", {"status"}),
         ("campaigns:trigger", {"trigger"}),
-        ("campaigns:write", {"pause", "resume"}),
+        ("campaigns:write", {"status", "pause", "resume"}),
         ("contacts:write", set()),
         ("billing:write", set()),
         ("admin", {"status", "trigger", "pause", "resume"}),
