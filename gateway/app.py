@@ -23,13 +23,23 @@ from gateway.backends import Backends
 from gateway.body_limit import BodyLimit
 from gateway.config import GatewaySettings
 from gateway.keys import MIGRATIONS
-from gateway.routers import campaigns, health, providers
+from gateway.routers import (
+    billing,
+    campaigns,
+    contacts,
+    executions,
+    health,
+    providers,
+    segments,
+    templates,
+    webhooks,
+)
 from gateway.telemetry import telemetry_config
 from shoal import metrics as shoal_metrics
 from shoal.db import Database
 
 DESCRIPTION = """
-The Shoal REST API: campaigns, their runs and status.
+The Shoal REST API: campaigns, contacts, segments, templates, billing and webhooks.
 
 Conventions:
 - `Authorization: Bearer <API key>` on every route but the health probes, the docs and signed
@@ -98,7 +108,12 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         lifespan=lifespan,
         telemetry=telemetry_config(),
         openapi_tags=[
-            {"name": "campaigns", "description": "Campaign status and operations"},
+            {"name": "campaigns", "description": "Campaigns: authoring, launch, status and operations"},
+            {"name": "contacts", "description": "Contacts, bulk import and consent records"},
+            {"name": "segments", "description": "Saved audience filters and their size"},
+            {"name": "templates", "description": "Message templates, versions, publishing and preview"},
+            {"name": "billing", "description": "Prepaid balance, top-ups, auto-reload, prices and ledger"},
+            {"name": "webhooks", "description": "Outgoing webhooks: endpoints, deliveries and replay"},
             {"name": "providers", "description": "Signed callbacks from channel providers"},
             {"name": "health", "description": "Liveness and readiness probes"},
         ],
@@ -115,6 +130,12 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     )
     app.include_router(health.router)
     app.include_router(campaigns.router)
+    app.include_router(executions.router)
+    app.include_router(contacts.router)
+    app.include_router(segments.router)
+    app.include_router(templates.router)
+    app.include_router(billing.router)
+    app.include_router(webhooks.router)
     app.include_router(providers.router)
 
     @app.get("/", include_in_schema=False)

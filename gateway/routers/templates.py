@@ -1,0 +1,7 @@
+"""`/v1/templates`: see the module's routes."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter(prefix="/v1/templates", tags=["templates"])
