@@ -83,6 +83,8 @@ def require(scope: Scope) -> Callable[..., Awaitable[Principal]]:
             raise ApiError(403, "forbidden", f"this API key lacks the scope {scope.value}")
         return principal
 
+    # The security tests read it to build every route's scope matrix.
+    dependency.scope = scope  # type: ignore[attr-defined]
     return dependency
 
 

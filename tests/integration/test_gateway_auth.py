@@ -4,8 +4,10 @@ status codes and bodies, against the stand-in campaign service of `test_gateway`
 from __future__ import annotations
 
 import hmac
+import importlib
 import json
 import os
+import pkgutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -14,8 +16,11 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi.routing import APIRoute
 
 from gateway import keys as keys_module
+from gateway import routers as gateway_routers
+from gateway.keys import Scope
 from tests.integration import test_gateway as base
 from tests.integration.test_gateway import (
     DRAFT,
@@ -101,6 +106,60 @@ async def test_the_secret_is_compared_in_constant_time(gw: Gateway, monkeypatch:
     assert len(calls) == 3
     # Only digests are compared, never the raw secret.
     assert all(len(a) == 64 and len(b) == 64 for a, b in calls)
+
+
+def required_scopes() -> dict[tuple[str, str], Scope]:
+    """(method, path template) -> the scope its `require` dependency asks for, for every API route."""
+    found: dict[tuple[str, str], Scope] = {}
+    routes = [
+        route
+        for info in pkgutil.iter_modules(gateway_routers.__path__)
+        for route in importlib.import_module(f"gateway.routers.{info.name}").router.routes
+    ]
+    for route in routes:
+        if not isinstance(route, APIRoute):
+            continue
+        scopes = [d.call.scope for d in route.dependant.dependencies if hasattr(d.call, "scope")]
+        for method in route.methods:
+            if scopes:
+                found[(method, route.path)] = scopes[0]
+    return found
+
+
+def fill(path: str) -> str:
+    """A path template with well-formed ids, so only the key decides the answer."""
+    return (
+        path.replace("{campaign_id}", KNOWN)
+        .replace("{contact_id}", "c_abc123")
+        .replace("{template_id}", "tpl_abc123")
+        .replace("{segment_id}", "seg_abc123")
+        .replace("{execution_id}", "exe_abc123")
+        .replace("{endpoint_id}", "wh_abc123")
+        .replace("{delivery_id}", "whd_abc123")
+        .replace("{tag}", "vip")
+    )
+
+
+async def test_every_route_refuses_a_key_without_its_scope(gw: Gateway) -> None:
+    """The security matrix: for each route, a key holding every scope but the one the route needs (and
+    the ones implying it) gets 403 before any backend is asked; a route without a declared scope fails."""
+    scopes = required_scopes()
+    documented = {
+        (m.upper(), p)
+        for p, ops in gw.app.openapi()["paths"].items()
+        if p not in EXEMPT and not p.startswith("/v1/providers")
+        for m in ops
+    }
+    assert documented <= set(scopes), f"routes without a declared scope: {sorted(documented - set(scopes))}"
+    for (method, path), needed in sorted(scopes.items()):
+        granting = {needed, Scope.ADMIN}
+        if needed.value.endswith(":read"):
+            granting.add(Scope(needed.value.replace(":read", ":write")))
+        headers = await gw.key(*(s.value for s in Scope if s not in granting))
+        reply = await gw.client.request(method, fill(path), headers=headers)
+        assert reply.status_code == 403, (method, path, needed, reply.text)
+        assert_error_shape(reply.json())
+        assert reply.json()["error"] == "forbidden"
 
 
 @pytest.mark.parametrize(
