@@ -12,7 +12,7 @@ PROTOS := $(wildcard protos/shoal/v1/*.proto)
 GENERATED := libs/shoal/v1/.generated
 PYTEST_ARGS ?=
 
-.PHONY: help install protos lint test test-slow chaos run fresh clean
+.PHONY: help install protos openapi lint test test-slow chaos run fresh clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -35,6 +35,9 @@ install: $(STAMP) $(GENERATED) ## create .venv, install pinned dependencies, gen
 protos: $(STAMP) ## regenerate libs/shoal/v1 from protos/ (also done by install)
 	$(BIN)/python -m shoal.protos
 	@touch $(GENERATED)
+
+openapi: install ## rewrite docs/openapi.json from the gateway's routes (a test checks it is current)
+	$(BIN)/python -m gateway.openapi docs/openapi.json
 
 lint: install ## ruff (check + format), mypy strict on libs/shoal and gateway, buf lint
 	$(BIN)/ruff check .
