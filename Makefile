@@ -12,7 +12,7 @@ PROTOS := $(wildcard protos/shoal/v1/*.proto)
 GENERATED := libs/shoal/v1/.generated
 PYTEST_ARGS ?=
 
-.PHONY: help install protos openapi lint test test-slow chaos run fresh clean
+.PHONY: help install protos openapi lint test test-slow chaos fuzz run fresh clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -53,6 +53,9 @@ test-slow: install ## the long suites (crash and scale tests), not part of make 
 
 chaos: install ## fault scenarios over the whole mesh; rewrites docs/reliability.md (also run by make test)
 	SHOAL_RELIABILITY_REPORT=docs/reliability.md $(BIN)/python -m pytest tests/chaos $(PYTEST_ARGS)
+
+fuzz: install ## schemathesis over every REST operation with many more cases than make test (FUZZ_EXAMPLES=200)
+	SHOAL_FUZZ_EXAMPLES=$(or $(FUZZ_EXAMPLES),200) $(BIN)/python -m pytest tests/integration/test_rest_fuzz.py tests/unit/test_flow_fuzz.py tests/unit/test_segment_filters.py $(PYTEST_ARGS)
 
 run: install ## start the whole mesh on embedded defaults (Ctrl-C stops it all)
 	$(BIN)/python -m shoal.runner $(ARGS)

@@ -41,7 +41,8 @@ class Rest:
 
 
 @contextlib.asynccontextmanager
-async def rest_mesh(nats_url: str, tmp_path: Path) -> AsyncIterator[tuple[Mesh, Rest]]:
+async def rest_mesh(nats_url: str, tmp_path: Path, **gateway: Any) -> AsyncIterator[tuple[Mesh, Rest]]:
+    """The mesh and the gateway in front of it; `gateway` overrides GatewaySettings fields."""
     sock = bind("127.0.0.1", 0)
     base = f"http://127.0.0.1:{sock.getsockname()[1]}"
     sandbox_env = {
@@ -64,6 +65,7 @@ async def rest_mesh(nats_url: str, tmp_path: Path) -> AsyncIterator[tuple[Mesh, 
                 data_dir=tmp_path / "gateway",
                 sandbox_callback_secret=SECRET,
                 log_json=False,
+                **gateway,
             )
             app = create_app(settings)
             server = QuietServer(uvicorn.Config(app, log_config=None, lifespan="on", loop="asyncio"))
