@@ -24,13 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor, filters
 
 from shoal import metrics as shoal_metrics
-from shoal.errors import ShoalError, to_status
+from shoal.errors import InvalidArgument, ShoalError, to_status
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,38 @@ class ServiceBinding:
     full_name: str
 
 
+@dataclass(frozen=True)
+class _Undecodable:
+    """What a request that is not valid protobuf for its method becomes (see `_decoding`)."""
+
+    reason: str
+
+
+def _decoding(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """`deserializer` that turns bytes it cannot decode (bad UTF-8 in a string, nesting beyond the
+    decoder's limit, garbage) into `_Undecodable`, so the call answers INVALID_ARGUMENT instead of
+    grpcio's UNKNOWN with the exception's text."""
+    if deserializer is None:
+        return None
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError as exc:
+            return _Undecodable(str(exc).split(": ", 1)[-1])
+
+    return decode
+
+
+def _undecodable(request: Any) -> InvalidArgument | None:
+    if isinstance(request, _Undecodable):
+        return InvalidArgument.of("request", f"is not a valid protobuf message ({request.reason})")
+    return None
+
+
 class _DomainErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is untyped
-    """Answer domain errors with their status; never leak a stack trace to a caller."""
+    """Answer domain errors with their status; never leak a stack trace to a caller; refuse a
+    request that cannot be decoded with INVALID_ARGUMENT."""
 
     async def intercept_service(
         self,
@@ -73,6 +104,8 @@ class _DomainErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 try:
+                    if refused := _undecodable(request):
+                        raise refused
                     return await inner_uu(request, context)
                 except ShoalError as exc:
                     await context.abort_with_status(to_status(exc))
@@ -83,13 +116,15 @@ class _DomainErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     await context.abort(grpc.StatusCode.INTERNAL, "internal error")
 
             return grpc.unary_unary_rpc_method_handler(
-                unary_unary, handler.request_deserializer, handler.response_serializer
+                unary_unary, _decoding(handler.request_deserializer), handler.response_serializer
             )
         if handler.unary_stream is not None:
             inner_us = handler.unary_stream
 
             async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 try:
+                    if refused := _undecodable(request):
+                        raise refused
                     async for item in inner_us(request, context):
                         yield item
                 except ShoalError as exc:
@@ -101,7 +136,7 @@ class _DomainErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     await context.abort(grpc.StatusCode.INTERNAL, "internal error")
 
             return grpc.unary_stream_rpc_method_handler(
-                unary_stream, handler.request_deserializer, handler.response_serializer
+                unary_stream, _decoding(handler.request_deserializer), handler.response_serializer
             )
         return handler
 
