@@ -18,7 +18,7 @@ from shoal import telemetry
 from shoal.bus import STREAM_EVENTS, STREAM_EXEC, Bus
 from shoal.natsserver import NatsServer
 
-pytest_plugins = ["tests.fixtures_db"]
+pytest_plugins = ["tests.fixtures_db", "tests.secrets_scan"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

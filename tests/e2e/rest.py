@@ -24,8 +24,9 @@ from gateway.keys import create_key
 from shoal.http import QuietServer, bind
 from tests.helpers import wait_for
 from tests.mesh import Mesh, mesh
+from tests.secrets_scan import watch
 
-SECRET = secrets.token_urlsafe(32)
+SECRET = watch(secrets.token_urlsafe(32))
 
 
 @dataclass
