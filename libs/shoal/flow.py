@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from shoal.v1 import campaign_pb2 as cpb
@@ -396,11 +396,31 @@ def send_profile(flow: cpb.Flow, cost: Callable[[cpb.Step], int] | None = None) 
     return shares
 
 
-def providers_of(flow: cpb.Flow, default: str = "sandbox") -> list[str]:
-    """The providers a flow's SEND steps use, for routing breaker events to campaigns."""
-    names = {
-        step.send.provider or default
-        for step, _p, _d, _l in _walk(list(flow.steps), "steps", 0)
-        if kind_of(step) == SEND
-    }
+DEFAULT_PROVIDER = "default:"
+
+
+def providers_of(flow: cpb.Flow) -> list[str]:
+    """The providers a flow's SEND steps use, for routing breaker events to campaigns.
+
+    A step naming a provider gives its name; a step relying on the channel's default gives
+    `default:<CHANNEL>` (the execution service decides the default and says, in its breaker events,
+    which channels a provider is the default of). An RCS step with an SMS fallback also uses the
+    SMS default.
+    """
+    names: set[str] = set()
+    for step, _p, _d, _l in _walk(list(flow.steps), "steps", 0):
+        if kind_of(step) != SEND:
+            continue
+        send = step.send
+        channel = common.Channel.Name(send.channel).removeprefix("CHANNEL_")
+        names.add(send.provider or f"{DEFAULT_PROVIDER}{channel}")
+        if send.fallback in (cpb.RCS_FALLBACK_SMS, cpb.RCS_FALLBACK_SMS_CUSTOM):
+            names.add(f"{DEFAULT_PROVIDER}SMS")
     return sorted(names)
+
+
+def uses_provider(providers: Iterable[str], provider: str, default_for: Iterable[str]) -> bool:
+    """Whether a campaign whose flow uses `providers` (see `providers_of`) sends through `provider`,
+    which is the default of the channels `default_for` (names like "EMAIL")."""
+    used = set(providers)
+    return provider in used or any(f"{DEFAULT_PROVIDER}{channel}" in used for channel in default_for)

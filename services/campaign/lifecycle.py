@@ -660,8 +660,9 @@ class Lifecycle:
                 select(C.c.workspace_id, C.c.id, C.c.providers).where(C.c.state == st.RUNNING)
             ).all()
         )
+        default_for = [common.Channel.Name(c).removeprefix("CHANNEL_") for c in event.default_for]
         for ws, cid, providers in rows:
-            if event.provider in providers.split(","):
+            if flows.uses_provider(providers.split(","), event.provider, default_for):
                 try:
                     await self.pause(
                         ws,
@@ -672,6 +673,22 @@ class Lifecycle:
                     )
                 except FailedPrecondition:
                     continue
+
+    async def on_request_refused(self, event: ev.ProviderRequestRefused) -> None:
+        """A provider refuses this campaign's requests (credentials, configuration): PAUSED_ERROR
+        with the provider's words; resume after fixing it sends what is still pending."""
+        try:
+            await self.pause(
+                event.workspace_id,
+                event.campaign_id,
+                actor=f"provider:{event.provider}",
+                reason=event.reason or f"provider {event.provider} refused our request",
+                # The product's one move to PAUSED_ERROR: the provider cannot take this
+                # campaign's messages, as when its breaker opens.
+                action="breaker_open",
+            )
+        except (FailedPrecondition, NotFound):
+            return
 
     async def on_balance_exhausted(self, event: ev.BalanceEvent) -> None:
         rows = await self.db.run(

@@ -1,5 +1,6 @@
-"""What the campaign service hears on the bus: run progress (completion), provider breakers
-(PAUSED_ERROR), balance exhaustion (PAUSED_BALANCE), contact events (event triggers), and the
+"""What the campaign service hears on the bus: run progress (completion), provider breakers and
+refused requests (PAUSED_ERROR), balance exhaustion (PAUSED_BALANCE), contact events (event
+triggers), and the
 scheduler loop. One durable consumer per kind, so each is acknowledged on its own; their lag is
 polled into `shoal_consumer_lag`."""
 
@@ -49,6 +50,12 @@ async def start(
             [bus.event_subject("provider", "breaker_opened")],
             ev.ProviderBreakerChanged,
             _each(lifecycle.on_breaker),
+        ),
+        (
+            "campaign-provider-refused",
+            [bus.event_subject("provider", "request_refused")],
+            ev.ProviderRequestRefused,
+            _each(lifecycle.on_request_refused),
         ),
         (
             "campaign-balance",

@@ -32,10 +32,11 @@ from services.execution.providers.base import (
     OutboundMessage,
     Provider,
     ProviderError,
+    ProviderRequestError,
     ProviderUnavailable,
     SendResult,
 )
-from services.execution.providers.registry import default_provider_for
+from services.execution.providers.registry import default_provider_for, defaults_of
 from services.execution.repo import COMPLETED, FAILED, PENDING, SKIPPED, ExecRow, NewSend, Outcome
 from shoal import flow as flows
 from shoal import metrics as shoal_metrics
@@ -486,9 +487,16 @@ class Engine:
         outbound = [_outbound(w, e, m, node, used) for w, e, m, _ in to_send]
         results = await self._send_in_chunks(provider, outbound)
         unavailable = accepted = duplicate = retryable = failed = 0
+        refused: ProviderRequestError | None = None
         for (w, _e, m, amount), res in zip(to_send, results, strict=True):
             key = _send_key(w, node)
-            if isinstance(res, ProviderError):
+            if isinstance(res, ProviderRequestError):
+                # Our request itself was refused (credentials, configuration): no retry can help.
+                # The message stays pending (held) and the campaign is paused below.
+                unavailable += 1
+                refused = res
+                w.park(PENDING, reason=f"provider refused: {res.reason}", wake_at=self._retry_at())
+            elif isinstance(res, ProviderError):
                 unavailable += 1
                 w.park(PENDING, reason=f"provider unavailable: {res.reason}", wake_at=self._retry_at())
             elif res.ok:
@@ -532,6 +540,8 @@ class Engine:
         ):
             if count:
                 counters[outcome].inc(count)
+        if refused is not None:
+            await self.announce_refusal(run, provider_name, refused)
 
     def _sends_of(self, channel: Channel, provider: str) -> dict[str, Any]:
         """`shoal_sends_total` children of one channel and provider, one per outcome (bound once)."""
@@ -585,6 +595,25 @@ class Engine:
             out.extend(part)
         return out
 
+    async def announce_refusal(self, run: RunInfo, provider: str, error: ProviderRequestError) -> None:
+        """Ask the campaign service to pause this campaign (PAUSED_ERROR): its provider refuses
+        our requests. Once per run, provider and minute (NATS dedupe); pausing twice is a no-op."""
+        log.warning("provider %s refused campaign %s: %s", provider, run.campaign_id, error.reason)
+        event = ev.ProviderRequestRefused(
+            workspace_id=run.workspace_id,
+            campaign_id=run.campaign_id,
+            run_id=run.id,
+            provider=provider,
+            reason=f"provider {provider} refused our request: {error.reason}"[:500],
+        )
+        event.time.GetCurrentTime()
+        minute = int(event.time.seconds // 60)
+        await self.bus.publish(
+            self.bus.event_subject("provider", "request_refused"),
+            event,
+            msg_id=f"refused:{run.id}:{provider}:{minute}",
+        )
+
     async def announce_breaker(self, breaker: Breaker, state: str) -> None:
         opened = state == OPEN
         log.warning("provider %s breaker %s: %s", breaker.name, state, breaker.reason)
@@ -592,6 +621,7 @@ class Engine:
             provider=breaker.name,
             state=ev.BREAKER_STATE_OPEN if opened else ev.BREAKER_STATE_CLOSED,
             reason=breaker.reason,
+            default_for=[common.Channel.Value(f"CHANNEL_{c.value}") for c in defaults_of(breaker.name)],
         )
         event.time.GetCurrentTime()
         await self.bus.publish(

@@ -72,6 +72,7 @@ class ControlUpdate(BaseModel):
     latency_ms: int | None = Field(default=None, ge=0, le=60_000)
     failure_rate: float | None = Field(default=None, ge=0.0, le=1.0)
     outage: bool | None = None
+    refuse_credentials: bool | None = None
     rcs_capable_rate: float | None = Field(default=None, ge=0.0, le=1.0)
     open_rate: float | None = Field(default=None, ge=0.0, le=1.0)
     click_rate: float | None = Field(default=None, ge=0.0, le=1.0)
@@ -196,6 +197,8 @@ def create_app(settings: SandboxSettings) -> FastAPI:
         await sandbox.simulate_latency()
         if sandbox.switches.outage:
             return outage_response()
+        if sandbox.switches.refuse_credentials:
+            return JSONResponse({"error": "invalid credentials (sandbox switch)"}, status_code=401)
         if len(batch.messages) > settings.max_batch_size:
             return JSONResponse(
                 {"error": f"messages: at most {settings.max_batch_size} per batch"}, status_code=413

@@ -33,6 +33,7 @@ class Switches:
     latency_ms: int
     failure_rate: float
     outage: bool
+    refuse_credentials: bool
     rcs_capable_rate: float
     open_rate: float
     click_rate: float
@@ -43,6 +44,7 @@ class Switches:
             latency_ms=settings.latency_ms,
             failure_rate=settings.failure_rate,
             outage=settings.outage,
+            refuse_credentials=settings.refuse_credentials,
             rcs_capable_rate=settings.rcs_capable_rate,
             open_rate=settings.open_rate,
             click_rate=settings.click_rate,

@@ -35,6 +35,9 @@ class SandboxSettings(SharedSettings):
         default=None, description="Seed for the failure dice (reproducible runs)"
     )
     outage: bool = Field(default=False, description="Answer 503 to every send and lookup")
+    refuse_credentials: bool = Field(
+        default=False, description="Answer 401 to every send, as a carrier does to revoked credentials"
+    )
     rcs_capable_rate: float = Field(
         default=0.7, ge=0.0, le=1.0, description="Share of addresses with an RCS device"
     )

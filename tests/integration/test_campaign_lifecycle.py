@@ -721,10 +721,15 @@ async def test_event_trigger_and_auto_pauses(nats_url: str, tmp_path: Path) -> N
             assert (st.state, st.counts.completed, st.counts.pending, st.sent) == (RUNNING, 3, 0, 3)
 
             # A breaker opening for a provider the campaign does not use changes nothing; for its
-            # provider (the sandbox), the campaign moves to PAUSED_ERROR.
+            # provider (the sandbox, the EMAIL default its SEND relies on), the campaign moves to
+            # PAUSED_ERROR.
+            defaults = {"smtp": [common.CHANNEL_SMS], "sandbox": [common.CHANNEL_EMAIL]}
             for provider in ("smtp", "sandbox"):
                 opened = ev.ProviderBreakerChanged(
-                    provider=provider, state=ev.BREAKER_STATE_OPEN, reason=f"{provider} down"
+                    provider=provider,
+                    state=ev.BREAKER_STATE_OPEN,
+                    reason=f"{provider} down",
+                    default_for=defaults[provider],
                 )
                 await bus.publish(bus.event_subject("provider", "breaker_opened"), opened)
             await reach(m, ws, cid, PAUSED_ERROR)

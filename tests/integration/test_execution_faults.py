@@ -3,6 +3,8 @@
 - A provider outage mid-run opens the breaker, the campaign goes PAUSED_ERROR within seconds,
   and after the provider recovers and an operator resumes, the run completes with exactly one
   message per contact.
+- A provider refusing our credentials pauses the campaign (PAUSED_ERROR) instead of retrying
+  forever; after the fix and a resume, each contact gets one message.
 - A balance that runs out mid-run moves the campaign to PAUSED_BALANCE with the unpaid contacts
   still pending; after a top-up and resume it completes; free balance never goes negative.
 """
@@ -170,6 +172,47 @@ async def test_provider_outage_pauses_then_resume_completes_without_duplicates(
         balance = await m.billing.GetBalance(bpb.GetBalanceRequest(workspace_id=m.workspace_id))
         assert balance.balance.reserved_cents == 0
         assert balance.balance.free_cents == 10_000 - audience * 1
+
+
+async def test_refused_credentials_pause_the_campaign_and_resume_sends_each_once(
+    nats_url: str, tmp_path: Path
+) -> None:
+    """A provider refusing our requests (401) is not an outage: no breaker, no endless retry. The
+    campaign goes PAUSED_ERROR with the provider's words; after the credentials are fixed and an
+    operator resumes, every contact gets exactly one message."""
+    audience = 60
+    async with mesh(
+        nats_url=nats_url,
+        tmp_path=tmp_path,
+        execution={"batch_size": 10, "provider_batch_size": 10, "retry_backoff_seconds": 0.3},
+    ) as m:
+        await m.billing.TopUp(bpb.TopUpRequest(workspace_id=m.workspace_id, amount_cents=10_000))
+        m.sandbox.control(refuse_credentials=True)
+        campaign_id = await start_campaign(
+            m, await seed_audience(m, audience, tag="refused"), await email_template(m)
+        )
+        paused = await wait_state(m, campaign_id, cpb.CAMPAIGN_STATE_PAUSED_ERROR, timeout=20)
+        assert paused.counts.failed == 0 and paused.counts.skipped == 0
+        assert paused.counts.completed == 0, "nothing was sent"
+        transitions = await m.campaign.ListTransitions(
+            cpb.ListTransitionsRequest(workspace_id=m.workspace_id, campaign_id=campaign_id)
+        )
+        last = transitions.transitions[-1]
+        assert last.actor == "provider:sandbox"
+        assert "refused" in last.reason and "401" in last.reason
+        assert m.sandbox.get("/v1/messages/count")["count"] == 0
+
+        m.sandbox.control(refuse_credentials=False)
+        await m.campaign.ResumeCampaign(
+            cpb.ResumeCampaignRequest(workspace_id=m.workspace_id, campaign_id=campaign_id)
+        )
+        done = await wait_state(m, campaign_id, cpb.CAMPAIGN_STATE_COMPLETED, timeout=60)
+        assert done.counts.completed == audience and done.sent == audience
+        keys = sandbox_keys(m)
+        assert len(keys) == audience and len(set(keys)) == audience
+        balance = await m.billing.GetBalance(bpb.GetBalanceRequest(workspace_id=m.workspace_id))
+        assert balance.balance.reserved_cents == 0
+        assert balance.balance.free_cents == 10_000 - audience
 
 
 async def test_balance_runs_out_pauses_then_top_up_and_resume_completes(

@@ -427,4 +427,10 @@ def test_send_profile_without_sends_is_empty() -> None:
 
 def test_providers_of() -> None:
     f = flow(send("s1"), send("s2", provider="smtp"), end("e1"))
-    assert flows.providers_of(f) == ["sandbox", "smtp"]
+    assert flows.providers_of(f) == ["default:EMAIL", "smtp"]
+    # A campaign relying on the EMAIL default uses whatever the execution service defaults EMAIL to.
+    assert flows.uses_provider(flows.providers_of(f), "acme", ["EMAIL"])
+    assert flows.uses_provider(flows.providers_of(f), "smtp", [])
+    assert not flows.uses_provider(flows.providers_of(f), "acme", ["SMS", "RCS"])
+    # Rows stored before defaults were named by channel still match by name.
+    assert flows.uses_provider(["sandbox"], "sandbox", [])

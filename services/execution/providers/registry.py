@@ -151,5 +151,10 @@ def default_provider_for(channel: Channel | str) -> str:
     return _defaults[Channel.parse(str(channel))]
 
 
+def defaults_of(provider: str) -> list[Channel]:
+    """The channels `provider` serves when a SEND names no provider."""
+    return [channel for channel, name in _defaults.items() if name == provider]
+
+
 async def close_providers(providers: Mapping[str, Provider]) -> None:
     await asyncio.gather(*(p.close() for p in providers.values()))
