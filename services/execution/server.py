@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import event, func, select
 
-from services.execution import repo
+from services.execution import receipts, repo
 from services.execution.config import ExecutionSettings
 from services.execution.engine import Engine
 from services.execution.fanout import Fanout
@@ -21,7 +21,7 @@ from services.execution.peers import Peers
 from services.execution.providers.registry import build_providers, close_providers
 from services.execution.servicer import ExecutionServicer
 from services.execution.timers import TimerLoop
-from shoal.bus import STREAM_EXEC, Bus, consume
+from shoal.bus import STREAM_EVENTS, STREAM_EXEC, Bus, consume
 from shoal.campaign_states import CampaignStates
 from shoal.db import Database
 from shoal.grpc import GrpcServer, ServiceBinding
@@ -133,12 +133,15 @@ async def build(settings: ExecutionSettings, *, namespace: str = "") -> GrpcServ
                 )
             )
         tasks.append(asyncio.create_task(timer.run(stop), name="timers"))
+        tasks.append(asyncio.create_task(receipts.run(bus, db, stop), name="receipts"))
         tasks.append(
             asyncio.create_task(
                 count_states(db, stop, metrics=metrics, interval=STATE_COUNT_SECONDS), name="state-counts"
             )
         )
-        lag = ConsumerLagPoller(bus, [(STREAM_EXEC, WORKERS_DURABLE)], metrics)
+        lag = ConsumerLagPoller(
+            bus, [(STREAM_EXEC, WORKERS_DURABLE), (STREAM_EVENTS, receipts.DURABLE)], metrics
+        )
         tasks.append(asyncio.create_task(lag.run(stop), name="consumer-lag"))
         await fanout.resume_all()
         tasks.append(asyncio.create_task(fanout.watch(stop), name="fanout-watch"))

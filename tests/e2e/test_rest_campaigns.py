@@ -15,6 +15,7 @@ from google.protobuf import duration_pb2
 
 from shoal.v1 import billing_pb2 as bpb
 from shoal.v1 import campaign_pb2 as cpb
+from shoal.v1 import execution_pb2 as epb
 from shoal.v1 import segment_pb2 as spb
 from shoal.v1 import template_pb2 as tpb
 from tests.e2e.rest import rest_mesh
@@ -150,6 +151,13 @@ async def test_operational_endpoints_and_receipts_over_the_real_mesh(nats_url: s
             return all(reply.occurred)
 
         await wait_for(engaged, timeout=20, message=m.sandbox.logs)
+
+        # The delivery receipts settled the sends: ACCEPTED -> DELIVERED (the opens change nothing more).
+        async def delivered() -> bool:
+            reply = await m.execution.ListSends(epb.ListSendsRequest(workspace_id=ws, run_id=run_id))
+            return len(reply.sends) == 3 and all(s.status == epb.SEND_STATUS_DELIVERED for s in reply.sends)
+
+        await wait_for(delivered, timeout=20)
 
 
 async def test_resume_is_402_while_the_balance_cannot_cover_the_pending_audience(
