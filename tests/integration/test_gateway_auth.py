@@ -395,3 +395,15 @@ async def test_oversized_bodies_are_413_declared_or_streamed(admin: httpx.AsyncC
     streamed = await admin.post(TRIGGER, content=chunks(), headers={"Content-Type": "application/json"})
     assert streamed.status_code == 413, streamed.text
     assert streamed.json()["error"] == "payload_too_large"
+
+
+async def test_trigger_data_nested_too_deep_is_400_naming_the_field(gw: Gateway) -> None:
+    """A protobuf Struct refuses ~100 levels when decoded; the edge refuses past 32 with a 400."""
+    headers = await gw.key("admin")
+    value: Any = 1
+    for _ in range(150):
+        value = {"a": value}
+    reply = await gw.client.post(TRIGGER, json={"data": value}, headers=headers)
+    assert reply.status_code == 400, reply.text
+    assert_error_shape(reply.json())
+    assert reply.json()["details"][0]["field"] == "data"
