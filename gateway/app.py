@@ -35,6 +35,7 @@ from gateway.routers import (
     webhooks,
 )
 from gateway.telemetry import telemetry_config
+from gateway.webhooks import Dispatcher as WebhookDispatcher
 from shoal import metrics as shoal_metrics
 from shoal.db import Database
 
@@ -44,7 +45,8 @@ The Shoal REST API: campaigns, contacts, segments, templates, billing and webhoo
 Conventions:
 - `Authorization: Bearer <API key>` on every route but the health probes, the docs and signed
   provider callbacks. A key belongs to one workspace and carries scopes (`campaigns:read`,
-  `campaigns:trigger`, `campaigns:write`, `contacts:write`, `billing:write`, `admin`), optionally
+  `campaigns:trigger`, `campaigns:write`, `contacts:read|write`, `templates:read|write`,
+  `billing:read|write`, `webhooks:read|write`, `admin`; a `:write` scope also reads), optionally
   restricted to listed campaigns. Requests are rate limited per key (429 with `Retry-After`).
 - Every error answers `{error, message, details: [{field, message}]}`, where `error` is a stable
   code: 400 invalid request, 401 no or bad key, 402 insufficient balance, 403 not allowed,
@@ -95,9 +97,15 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         app.state.backends = backends
         app.state.auth = auth
         app.state.receipts = providers.ReceiptIngest(settings)
+        # Outgoing webhooks: events from the bus become signed deliveries (gateway.webhooks). It
+        # connects to NATS in the background, so the API starts whether NATS is up or not.
+        dispatcher = WebhookDispatcher(settings, keys)
+        await dispatcher.start()
+        app.state.webhooks = dispatcher
         try:
             yield
         finally:
+            await dispatcher.stop()
             await backends.close()
             await keys.close()
 

@@ -7,6 +7,9 @@ Provider callback secrets: `SHOAL_GATEWAY_PROVIDER_SECRET_<PROVIDER>` (one per p
 `SHOAL_GATEWAY_PROVIDER_SECRET_HTTP`), and `SHOAL_GATEWAY_SANDBOX_CALLBACK_SECRET` for the
 sandbox carrier. A provider without a secret has no callback endpoint (404): an unsigned
 callback is never accepted.
+
+Outgoing webhooks (`gateway.webhooks`): `SHOAL_GATEWAY_WEBHOOK_*`, e.g.
+`SHOAL_GATEWAY_WEBHOOK_RETRY_SCHEDULE=0,60,300,3600,86400` (seconds before each attempt).
 """
 
 from __future__ import annotations
@@ -17,13 +20,16 @@ from collections.abc import Mapping
 from typing import Any, Self
 
 from limits import parse_many
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from shoal.config import SharedSettings
 
 PROVIDER_SECRET_PREFIX = "SHOAL_GATEWAY_PROVIDER_SECRET_"  # noqa: S105  # a variable name, not a secret
 PROVIDER_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+# Set explicitly (argument, SHOAL_NATS_URL or SHOAL_GATEWAY_NATS_URL), it turns the webhook
+# consumer on when `webhook_dispatch` is unset: the built-in default is not reason enough.
+_NATS_URL_FIELD = "nats_url"
 
 
 class GatewaySettings(SharedSettings):
@@ -61,6 +67,45 @@ class GatewaySettings(SharedSettings):
     bus_connect_timeout_seconds: float = Field(
         default=5.0, gt=0, le=60, description="How long a callback waits for NATS before answering 503"
     )
+    # -- outgoing webhooks (gateway.webhooks) --
+    webhook_dispatch: bool | None = Field(
+        default=None,
+        description=(
+            "Turn bus events into webhook deliveries (a durable consumer on EVENTS). Unset: on when "
+            "a NATS URL is configured (SHOAL_NATS_URL or SHOAL_GATEWAY_NATS_URL), off on the built-in "
+            "default; deliveries already stored (tests, replays) are sent either way"
+        ),
+    )
+    webhook_retry_schedule: str = Field(
+        default="0,60,300,3600,86400",
+        description=(
+            "Seconds to wait before each attempt of a delivery, comma separated: the first is counted "
+            "from the event, each next one from the previous failed attempt; one entry per attempt"
+        ),
+    )
+    webhook_request_timeout_seconds: float = Field(
+        default=10.0, gt=0, le=60, description="Whole-request timeout of one webhook POST"
+    )
+    webhook_max_concurrency: int = Field(
+        default=16, ge=1, le=256, description="Webhook POSTs in flight at once, per gateway process"
+    )
+    webhook_lease_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="How long a claimed delivery is this process's; must exceed the request timeout",
+    )
+    webhook_poll_interval_seconds: float = Field(
+        default=1.0, gt=0, le=60, description="How often the delivery loop looks for due deliveries"
+    )
+    webhook_allow_http: bool = Field(
+        default=False,
+        description="Accept plain http:// endpoint URLs for any host (always allowed for localhost)",
+    )
+    webhook_retention_days: int = Field(
+        default=30, ge=1, le=3650, description="Finished deliveries (and their attempts) older than this go"
+    )
+    webhook_max_endpoints: int = Field(default=20, ge=1, le=1000, description="Endpoints per workspace")
 
     @field_validator("rate_limit")
     @classmethod
@@ -70,6 +115,34 @@ class GatewaySettings(SharedSettings):
         except ValueError:
             raise ValueError("must be `limits` notation, e.g. `100/second;3000/minute`") from None
         return value
+
+    @field_validator("webhook_retry_schedule")
+    @classmethod
+    def _schedule(cls, value: str) -> str:
+        parse_schedule(value)
+        return value
+
+    @field_validator("webhook_lease_seconds")
+    @classmethod
+    def _lease_covers_a_request(cls, value: float, info: ValidationInfo) -> float:
+        timeout = info.data.get("webhook_request_timeout_seconds")
+        if timeout is not None and value <= timeout:
+            raise ValueError(
+                f"must be longer than the webhook request timeout ({timeout}s): a lease outlives its POST"
+            )
+        return value
+
+    @property
+    def webhook_delays(self) -> tuple[float, ...]:
+        """The retry schedule: seconds before attempt 1, 2, ... (its length is the attempt limit)."""
+        return parse_schedule(self.webhook_retry_schedule)
+
+    @property
+    def webhook_consume(self) -> bool:
+        """Whether this process turns bus events into deliveries (see `webhook_dispatch`)."""
+        if self.webhook_dispatch is not None:
+            return self.webhook_dispatch
+        return _NATS_URL_FIELD in self.model_fields_set
 
     @field_validator("provider_secrets")
     @classmethod
@@ -99,6 +172,19 @@ class GatewaySettings(SharedSettings):
             secret = self.sandbox_callback_secret
         value = secret.get_secret_value() if secret is not None else ""
         return value.encode() if value else None
+
+
+def parse_schedule(value: str) -> tuple[float, ...]:
+    """`"0,60,300"` -> (0.0, 60.0, 300.0): 1 to 10 non-negative numbers of seconds."""
+    try:
+        delays = tuple(float(part) for part in value.split(","))
+    except ValueError:
+        raise ValueError("must be comma separated seconds, e.g. `0,60,300,3600,86400`") from None
+    if not 1 <= len(delays) <= 10:
+        raise ValueError("must have 1 to 10 entries (one per attempt)")
+    if any(not 0 <= d <= 7 * 86400 for d in delays):
+        raise ValueError("every delay must be between 0 and 604800 seconds")
+    return delays
 
 
 def provider_secrets_from(environ: Mapping[str, str]) -> dict[str, SecretStr]:
