@@ -24,7 +24,7 @@ from services.segment.filters import compile_filter
 from shoal.bus import Bus, Outgoing
 from shoal.db import Database
 from shoal.errors import Conflict, FieldViolation, InvalidArgument
-from shoal.v1 import events_pb2, segment_pb2_grpc
+from shoal.v1 import common_pb2, events_pb2, segment_pb2_grpc
 from shoal.v1 import segment_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -345,6 +345,19 @@ class SegmentServicer(segment_pb2_grpc.SegmentServiceServicer):  # type: ignore[
             lambda s: repo.set_consent(
                 s, workspace_id=ws, contact_id=contact_id, consent=consent, confirm=request.confirm, now=now()
             )
+        )
+        # contact.consent_updated: outgoing webhooks turn it into `consent.updated`.
+        props = struct_pb2.Struct()
+        props.update(
+            {
+                "channel": common_pb2.Channel.Name(view.channel).removeprefix("CHANNEL_"),
+                "message_type": common_pb2.MessageType.Name(view.message_type).removeprefix("MESSAGE_TYPE_"),
+                "status": pb.ConsentStatus.Name(view.status).removeprefix("CONSENT_STATUS_"),
+                "source": view.source,
+            }
+        )
+        await self._publish(
+            [self._event(ws, contact_id, "consent_updated", properties=props, at=view.recorded_at)]
         )
         return pb.SetConsentResponse(consent=consent_pb(view))
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from shoal.v1 import common_pb2
+from shoal.v1 import segment_pb2 as spb
 from tests.e2e.rest import rest_mesh
 from tests.e2e.test_rest_campaigns import campaign
 from tests.e2e.test_thin_run import seed
@@ -267,3 +269,44 @@ async def test_a_paused_campaign_and_its_receipts_reach_the_customer(nats_url: s
         assert len({d["contact_id"] for d in receipts}) == 3
         # Opens were not subscribed to (the sandbox opens every email in this mesh).
         assert "email.opened" not in got
+
+
+async def test_a_consent_change_reaches_the_customer(nats_url: str, tmp_path: Path) -> None:
+    """The segment service publishes contact.consent_updated; the customer gets consent.updated."""
+    async with (
+        receiving() as r,
+        rest_mesh(nats_url, tmp_path, webhook_poll_interval_seconds=0.1) as (m, rest),
+    ):
+        ws = m.workspace_id
+        await wait_for(lambda: rest.app.state.webhooks.consuming, timeout=15)
+        made = await rest.client.post(
+            "/v1/webhooks",
+            json={"url": r.url("/consent"), "events": ["consent.updated"]},
+            headers=await rest.key(ws, "webhooks:write"),
+        )
+        assert made.status_code == 201, made.text
+        contact = await m.segment.CreateContact(
+            spb.CreateContactRequest(workspace_id=ws, contact=spb.ContactInput(email="c@example.com"))
+        )
+        await m.segment.SetConsent(
+            spb.SetConsentRequest(
+                workspace_id=ws,
+                contact_id=contact.contact.id,
+                consent=spb.ConsentInput(
+                    channel=common_pb2.CHANNEL_SMS,
+                    message_type=common_pb2.MESSAGE_TYPE_NEWSLETTER,
+                    status=spb.CONSENT_STATUS_REVOKED,
+                    source="preference-center",
+                ),
+            )
+        )
+        hit = (await wait_for(lambda: r.on("/consent"), timeout=20))[0]
+        assert signed_by(hit, watch(made.json()["secret"]))
+        assert hit.json()["event"] == "consent.updated"
+        assert hit.json()["data"] == {
+            "contact_id": contact.contact.id,
+            "channel": "SMS",
+            "message_type": "NEWSLETTER",
+            "status": "REVOKED",
+            "source": "preference-center",
+        }
