@@ -129,7 +129,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.state.settings = settings
     errors.install(app)
     app.add_middleware(
-        BodyLimit, max_bytes=settings.max_body_bytes, callback_max_bytes=settings.callback_max_bytes
+        BodyLimit,
+        max_bytes=settings.max_body_bytes,
+        callback_max_bytes=settings.callback_max_bytes,
+        import_max_bytes=settings.import_max_bytes,
     )
     # Outermost of ours (added last): counts the body limit's 413s too. Probes and scrapes are not counted.
     metrics = shoal_metrics.default()

@@ -3,7 +3,9 @@
 A declared `Content-Length` over the cap is refused before a byte is read; a chunked body is
 counted as it arrives and refused (an HTTPException from `receive`, which FastAPI's body
 parsing lets through to the error handlers) once it passes the cap. Provider callbacks have
-their own, larger cap (`callback_max_bytes`); every other route gets `max_body_bytes`.
+their own, larger cap (`callback_max_bytes`), and so does the bulk contact import
+(`import_max_bytes`: 10,000 contacts with consents are ~5 MB); every other route gets
+`max_body_bytes`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway.errors import ErrorBody
 
 CALLBACK_PREFIX = "/v1/providers/"
+IMPORT_PATH = "/v1/contacts/import"
 
 
 def too_large(limit: int) -> HTTPException:
@@ -21,17 +24,27 @@ def too_large(limit: int) -> HTTPException:
 
 
 class BodyLimit:
-    def __init__(self, app: ASGIApp, *, max_bytes: int, callback_max_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, *, max_bytes: int, callback_max_bytes: int, import_max_bytes: int
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.callback_max_bytes = callback_max_bytes
+        self.import_max_bytes = import_max_bytes
+
+    def limit_of(self, path: str) -> int:
+        if path.startswith(CALLBACK_PREFIX):
+            return self.callback_max_bytes
+        if path == IMPORT_PATH:
+            return self.import_max_bytes
+        return self.max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         path = str(scope.get("path", ""))
-        limit = self.callback_max_bytes if path.startswith(CALLBACK_PREFIX) else self.max_bytes
+        limit = self.limit_of(path)
         declared = dict(scope.get("headers") or []).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:
             body = ErrorBody(error="payload_too_large", message=str(too_large(limit).detail))

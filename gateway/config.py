@@ -62,6 +62,11 @@ class GatewaySettings(SharedSettings):
     callback_max_bytes: int = Field(
         default=8 * 1024 * 1024, ge=1024, description="Largest provider callback body accepted (413 above)"
     )
+    import_max_bytes: int = Field(
+        default=16 * 1024 * 1024,
+        ge=1024,
+        description="Largest POST /v1/contacts/import body (10,000 contacts with consents fit; 413 above)",
+    )
     callback_max_receipts: int = Field(default=10_000, ge=1, le=100_000)
     callback_lookup_concurrency: int = Field(default=16, ge=1, le=256)
     bus_connect_timeout_seconds: float = Field(

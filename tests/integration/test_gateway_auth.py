@@ -396,6 +396,18 @@ async def test_oversized_bodies_are_413_declared_or_streamed(admin: httpx.AsyncC
     assert streamed.status_code == 413, streamed.text
     assert streamed.json()["error"] == "payload_too_large"
 
+    # The bulk import has its own, larger cap: the same size passes the body limit there (and is
+    # judged by the route: no contacts list), and a body over the import cap is 413 too.
+    imported = await admin.post(
+        "/v1/contacts/import", content=big, headers={"Content-Type": "application/json"}
+    )
+    assert imported.status_code == 400, imported.text
+    huge = b'{"contacts": [' + b"1," * (9 * 1024 * 1024) + b"1]}"
+    refused = await admin.post(
+        "/v1/contacts/import", content=huge, headers={"Content-Type": "application/json"}
+    )
+    assert refused.status_code == 413, refused.text
+
 
 async def test_trigger_data_nested_too_deep_is_400_naming_the_field(gw: Gateway) -> None:
     """A protobuf Struct refuses ~100 levels when decoded; the edge refuses past 32 with a 400."""
