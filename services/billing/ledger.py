@@ -47,6 +47,10 @@ HELD, INSUFFICIENT, CAPTURED, RELEASED, UNKNOWN = (
 PENDING, SUCCEEDED, FAILED = "pending", "succeeded", "failed"
 
 KIND_EXHAUSTED = "balance_exhausted"
+# A shortage inside an exhausted episode: balance_exhausted (customers' webhooks) is once per
+# episode, but the campaign service must hear it, or a campaign resumed without a top-up whose
+# holds fail again stays RUNNING without sending.
+KIND_SHORT = "balance_short"
 KIND_LOW = "balance_low"
 # Subject tokens cannot contain '.', so "billing.auto_reload.succeeded" of the product page is
 # published on shoal.events.billing.auto_reload_succeeded (and _failed).
@@ -327,6 +331,9 @@ def update_flags(
     if short and not account.exhausted:
         account.exhausted = True
         outbox.add(session, KIND_EXHAUSTED, _balance_event(account, now, campaign_ids=campaign_ids), now)
+        events += 1
+    elif short:
+        outbox.add(session, KIND_SHORT, _balance_event(account, now, campaign_ids=campaign_ids), now)
         events += 1
     threshold = account.low_balance_threshold_cents
     below = threshold > 0 and account.free_cents < threshold

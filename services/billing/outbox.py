@@ -29,6 +29,7 @@ _T = OutboxEvent.__table__.c  # type: ignore[attr-defined]
 # The payload type of each event kind (the subject's last token).
 _TYPES: dict[str, type[Message]] = {
     "balance_exhausted": events_pb2.BalanceEvent,
+    "balance_short": events_pb2.BalanceEvent,
     "balance_low": events_pb2.BalanceEvent,
     "auto_reload_succeeded": events_pb2.AutoReloadResult,
     "auto_reload_failed": events_pb2.AutoReloadResult,

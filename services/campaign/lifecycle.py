@@ -564,27 +564,26 @@ class Lifecycle:
         row = await self.get(workspace_id, campaign_id)
         st.next_state(row.state, "resume")
         pending = 0
-        per_contact = 0
         if row.current_run_id:
             counts = await self.peers.execution.GetRunCounts(
                 epb.GetRunCountsRequest(workspace_id=workspace_id, run_id=row.current_run_id)
             )
             pending = counts.counts.pending + counts.counts.processing
-            per_contact = (
-                await self.db.run(
-                    lambda s: s.execute(
-                        select(RUNS.c.cost_per_contact_cents).where(RUNS.c.id == row.current_run_id)
-                    ).scalar()
-                )
-                or 0
+        if pending:
+            # Priced with today's prices, not the run's launch-time figure: after a price rise the
+            # old figure let a campaign resume that could not pay, and its holds then failed again
+            # inside the same balance_exhausted episode (no new event): it stayed RUNNING, stuck.
+            version = await self.db.run(
+                lambda s: s.execute(
+                    select(RUNS.c.flow_version).where(RUNS.c.id == row.current_run_id)
+                ).scalar()
             )
-        if pending and per_contact:
-            balance = await self.peers.billing.GetBalance(bpb.GetBalanceRequest(workspace_id=workspace_id))
-            needed = pending * per_contact
-            if balance.balance.free_cents < needed:
+            flow = await self.flow_of(campaign_id, version or row.flow_version)
+            cost = await self.estimate(row, flow, recipients=pending)
+            if cost.free_cents < cost.expected_cents:
                 raise InsufficientBalance(
-                    f"free balance {balance.balance.free_cents} cents does not cover "
-                    f"the {pending} pending contacts ({needed} cents estimated)"
+                    f"free balance {cost.free_cents} cents does not cover "
+                    f"the {pending} pending contacts ({cost.expected_cents} cents estimated)"
                 )
         _, after, row = await self.move(workspace_id, campaign_id, "resume", actor=actor, reason="resume")
         requeued = 0

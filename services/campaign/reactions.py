@@ -59,7 +59,12 @@ async def start(
         ),
         (
             "campaign-balance",
-            [bus.event_subject("billing", "balance_exhausted")],
+            # balance_short: holds failing again inside an exhausted episode (e.g. a campaign
+            # resumed without a top-up); it pauses the same way.
+            [
+                bus.event_subject("billing", "balance_exhausted"),
+                bus.event_subject("billing", "balance_short"),
+            ],
             ev.BalanceEvent,
             _each(lifecycle.on_balance_exhausted),
         ),

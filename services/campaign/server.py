@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import timedelta
+from collections.abc import Callable
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from services.campaign import reactions
 from services.campaign.config import CampaignSettings
-from services.campaign.lifecycle import Lifecycle
+from services.campaign.lifecycle import Lifecycle, utcnow
 from services.campaign.peers import Peers
 from services.campaign.servicer import CampaignServicer
 from shoal.bus import Bus
@@ -23,7 +24,10 @@ log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-async def build(settings: CampaignSettings, *, namespace: str = "") -> GrpcServer:
+async def build(
+    settings: CampaignSettings, *, namespace: str = "", clock: Callable[[], datetime] = utcnow
+) -> GrpcServer:
+    """The campaign server, not yet started. `clock` is for tests (the scheduler's clock jumps)."""
     db = Database(settings.resolved_database_url("campaign"), migrations_dir=MIGRATIONS)
     await db.call(db.migrate)
     bus = await Bus.connect(settings.nats_url, name="campaign", namespace=namespace or settings.namespace)
@@ -37,6 +41,7 @@ async def build(settings: CampaignSettings, *, namespace: str = "") -> GrpcServe
         peers=peers,
         schedule_grace=timedelta(seconds=settings.schedule_grace_seconds),
         idempotency_ttl=timedelta(hours=settings.trigger_idempotency_hours),
+        clock=clock,
     )
     stop = asyncio.Event()
     tasks = await reactions.start(

@@ -117,6 +117,7 @@ class Billing:
 
 _KINDS = {
     "balance_exhausted": events_pb2.BalanceEvent,
+    "balance_short": events_pb2.BalanceEvent,
     "balance_low": events_pb2.BalanceEvent,
     "auto_reload_succeeded": events_pb2.AutoReloadResult,
     "auto_reload_failed": events_pb2.AutoReloadResult,
@@ -351,6 +352,7 @@ async def test_exhausted_and_low_once_per_episode(billing: Billing) -> None:
     assert exhausted[0].free_cents == 1_000 % SMS_PRICE
     # The batch that first came up short names its campaign.
     assert list(exhausted[0].campaign_ids) == ["cmp-2"]
+    assert [list(e.campaign_ids) for e in billing.events.of("balance_short")] == [["cmp-3"]]
 
     # A release raises free balance: the episode ends; the next shortage is a new episode.
     await billing.stub.ReleaseBatch(pb.ReleaseBatchRequest(workspace_id=WS, keys=["a0"]))

@@ -79,7 +79,9 @@ def test_each_item_is_held_whole_or_not_at_all(db: Database) -> None:
 def test_exhausted_once_per_episode_and_ended_by_any_credit(db: Database) -> None:
     top_up(db, 10)
     assert hold(db, [sms("a"), sms("b")]).events == 1
-    assert hold(db, [sms("c")]).events == 0
+    # Short again inside the episode: no second balance_exhausted, but a balance_short for the
+    # campaign service (a campaign resumed without a top-up must pause again).
+    assert hold(db, [sms("c")]).events == 1
     with db.session() as s:
         account = ledger.lock_account(s, workspace_id=WS, defaults=DEFAULTS, now=T0)
         answers, events = ledger.settle_batch(s, account=account, keys=["a"], capture=False, now=T0)
@@ -87,7 +89,7 @@ def test_exhausted_once_per_episode_and_ended_by_any_credit(db: Database) -> Non
     assert events == 0
     # The release ended the episode (free rose); a capture credits nothing and ends nothing.
     assert hold(db, [sms("d"), sms("e")]).events == 1
-    assert outbox_kinds(db) == [ledger.KIND_EXHAUSTED, ledger.KIND_EXHAUSTED]
+    assert outbox_kinds(db) == [ledger.KIND_EXHAUSTED, ledger.KIND_SHORT, ledger.KIND_EXHAUSTED]
 
 
 def _enable_reload(db: Database, *, threshold: int, amount: int) -> None:
