@@ -3,12 +3,22 @@
     .venv/bin/python bench/engine.py                      # 100k SEND->END on SQLite
     .venv/bin/python bench/engine.py --contacts 20000 --flow send-condition-tag-end
     .venv/bin/python bench/engine.py --db postgres --postgres-url postgresql://postgres@127.0.0.1/test
+    .venv/bin/python bench/engine.py --contacts 3000 --tracing off,0.1,1 --repeat 3   # tracing cost
 
 It starts the whole mesh with the runner (`python -m shoal.runner --ports auto`) on a fresh data
 folder, imports the audience, and first measures the raw ceiling on the same machine in the same
 run: a bare JetStream fetch -> one batched UPDATE -> publish follow-up -> ack loop over the same
 number of messages, with no Shoal code. Then it launches the campaign and reports contacts/s,
 the ratio to that ceiling, p50/p99 time from launch to a contact's send, and peak RSS per process.
+
+`--tracing` measures what tracing costs: one fresh mesh per value, `off` (no OTLP endpoint, the
+default deployment) or a parent-based sample ratio with every process exporting for real (the
+SDK's BatchSpanProcessor and OTLP/gRPC exporter, default settings) to an OTLP collector inside
+this process that only counts the spans. A real exporter, not a no-op one: building, batching,
+encoding and sending the spans is the cost a deployment pays, and the collector's own work stays
+out of the services' CPU figures, as Jaeger's would. One run is one trace (design.md §5), so a
+ratio below 1 samples a run or not as a whole: the table says whether this run was traced and,
+with ratio 1 measured too, what the ratio costs on average over many runs.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ import json
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,6 +51,7 @@ from sqlalchemy import (
     bindparam,
     create_engine,
     insert,
+    text,
     update,
 )
 from sqlalchemy import (
@@ -56,6 +68,7 @@ from shoal.v1 import campaign_pb2 as cpb  # noqa: E402
 from shoal.v1 import common_pb2 as common  # noqa: E402
 from shoal.v1 import segment_pb2 as spb  # noqa: E402
 from shoal.v1 import template_pb2 as tpb  # noqa: E402
+from tests.otlp_collector import OtlpCollector  # noqa: E402
 
 EMAIL, MESSAGE = common.CHANNEL_EMAIL, common.MESSAGE_TYPE_MESSAGE
 console = Console()
@@ -329,6 +342,118 @@ async def first_send_latencies(mesh: Mesh, launch_wall: float) -> tuple[float, f
     return stamps[len(stamps) // 2], stamps[min(len(stamps) - 1, int(len(stamps) * 0.99))]
 
 
+def tracing_modes(text: str) -> list[float | None]:
+    """`off,0.1,1` -> [None, 0.1, 1.0]; None is tracing off."""
+    modes: list[float | None] = []
+    for raw in text.split(","):
+        part = raw.strip().lower()
+        if part == "off":
+            modes.append(None)
+            continue
+        try:
+            ratio = float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r}: use off or a ratio between 0 and 1") from None
+        if not 0.0 <= ratio <= 1.0:
+            raise argparse.ArgumentTypeError(f"{part!r}: a ratio is between 0 and 1")
+        modes.append(ratio)
+    return modes
+
+
+def mode_name(mode: float | None) -> str:
+    return "off" if mode is None else f"ratio {mode:g}"
+
+
+async def measure(
+    args: argparse.Namespace,
+    data: Path,
+    env: dict[str, str],
+    mode: float | None,
+    *,
+    with_ceiling: bool,
+    pg_url: str,
+) -> dict[str, Any]:
+    """One fresh mesh with this tracing mode: the campaign's figures (and the raw ceiling)."""
+    collector: OtlpCollector | None = None
+    env = dict(env)
+    if mode is None:
+        # No exporter at all, whatever the caller's shell says: the default deployment.
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = ""
+    else:
+        collector = OtlpCollector(keep=False)
+        await collector.start()
+        env.update(
+            OTEL_EXPORTER_OTLP_ENDPOINT=collector.endpoint,
+            OTEL_EXPORTER_OTLP_INSECURE="true",
+            SHOAL_TRACE_SAMPLE_RATIO=str(mode),
+        )
+    only = "sandbox,segment,template,billing,execution,campaign" if args.without_gateway else ""
+    mesh = Mesh(data, env, only)
+    # In a thread: the collector shares this event loop and must keep answering exports meanwhile.
+    await asyncio.to_thread(mesh.start)
+    try:
+        ceiling = 0.0
+        if with_ceiling:
+            raw_db = pg_url or f"sqlite:///{data.parent / 'raw.db'}"
+            ceiling = await raw_ceiling(mesh.info["nats"]["url"], raw_db, min(args.contacts, 100_000))
+        result = await run_campaign(
+            mesh, args.contacts, args.flow, mesh.info.get("workspace_id", "ws_default")
+        )
+        result["rss"] = mesh.peak_rss_mb()
+    finally:
+        # The processes flush their last spans as they exit; the collector is still serving.
+        await asyncio.to_thread(mesh.stop)
+        if collector is not None:
+            await collector.stop()
+    result["ceiling"] = ceiling
+    result["spans"] = collector.count if collector is not None else 0
+    return result
+
+
+def tracing_table(
+    args: argparse.Namespace, modes: list[float | None], runs: dict[float | None, list[dict[str, Any]]]
+) -> Table:
+    """Medians over the repeats of each mode (fresh mesh per run, the modes interleaved)."""
+    repeats = f", median of {args.repeat} runs each" if args.repeat > 1 else ""
+    table = Table(title=f"Tracing cost: {args.contacts:,} contacts, {args.flow}{repeats}")
+    for column in ("tracing", "contacts/s", "vs off", "CPU per contact, all processes", "spans per contact"):
+        table.add_column(column, justify="left" if column == "tracing" else "right")
+
+    def rate(rs: list[dict[str, Any]]) -> float:
+        return float(statistics.median(r["contacts_per_s"] for r in rs))
+
+    def traced(r: dict[str, Any]) -> bool:
+        return bool(r["spans"] / args.contacts >= 1)
+
+    off = rate(runs[None]) if None in runs else None
+    for mode in dict.fromkeys(modes):
+        rs = runs[mode]
+        note = ""
+        if mode is not None and 0.0 < mode < 1.0:
+            note = f"  (runs traced: {sum(traced(r) for r in rs)} of {len(rs)})"
+        table.add_row(
+            f"{mode_name(mode)}{note}",
+            f"{rate(rs):,.0f}",
+            f"{rate(rs) / off:.2f}" if off else "-",
+            f"{statistics.median(sum(r['cpu_us'].values()) for r in rs):,.0f} µs",
+            "-" if mode is None else f"{statistics.median(r['spans'] for r in rs) / args.contacts:.2f}",
+        )
+    # One run is one trace: a ratio r traces a run or not. Over many runs the time per contact
+    # averages (1 - r) x untraced + r x traced; both are measured when ratio 1 and untraced runs
+    # of ratio r are in the table.
+    for mode in dict.fromkeys(modes):
+        untraced = [r for r in runs[mode] if not traced(r)]
+        if 1.0 not in runs or mode is None or not 0.0 < mode < 1.0 or not untraced:
+            continue
+        mixed = 1 / ((1 - mode) / rate(untraced) + mode / rate(runs[1.0]))
+        table.add_row(
+            f"{mode_name(mode)}, average over many runs",
+            f"{mixed:,.0f}",
+            f"{mixed / off:.2f}" if off else "-",
+        )
+    return table
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -342,49 +467,64 @@ async def main() -> None:
         action="store_true",
         help="leave the gateway out: the sandbox then sends no receipt callbacks (engine cost alone)",
     )
+    parser.add_argument(
+        "--tracing",
+        type=tracing_modes,
+        default=[None],
+        metavar="MODES",
+        help=(
+            "comma separated: off, or a parent-based sample ratio (0..1) exporting over OTLP to an "
+            "in-process collector; one fresh mesh per value, e.g. off,0.1,1 (default: off)"
+        ),
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run every tracing mode this many times (modes interleaved) and report medians",
+    )
     args = parser.parse_args()
+    modes: list[float | None] = args.tracing
 
     data = Path(tempfile.mkdtemp(prefix="shoal-bench-"))
     env = {"SHOAL_LOG_LEVEL": "WARNING"}
     pg_dbs: list[str] = []
+    admin = None
     if args.db == "postgres":
         admin = create_engine(
             args.postgres_url.replace("postgresql://", "postgresql+psycopg://"), isolation_level="AUTOCOMMIT"
         )
-        with admin.connect() as conn:
-            from sqlalchemy import text
-
-            for svc in ("segment", "template", "billing", "campaign", "execution", "raw"):
-                name = f"bench_{svc}_{uuid.uuid4().hex[:6]}"
-                conn.execute(text(f'CREATE DATABASE "{name}"'))
-                pg_dbs.append(name)
-                if svc != "raw":
-                    env[f"SHOAL_{svc.upper()}_DATABASE_URL"] = (
-                        args.postgres_url.rsplit("/", 1)[0] + "/" + name
-                    )
-    only = "sandbox,segment,template,billing,execution,campaign" if args.without_gateway else ""
-    mesh = Mesh(data / "mesh", env, only)
-    mesh.start()
+    results: list[dict[str, Any]] = []
+    runs: dict[float | None, list[dict[str, Any]]] = {m: [] for m in modes}
     try:
-        nats_url = mesh.info["nats"]["url"]
-        raw_db = (
-            (args.postgres_url.rsplit("/", 1)[0] + "/" + pg_dbs[-1])
-            if pg_dbs
-            else f"sqlite:///{data / 'raw.db'}"
-        )
-        ceiling = await raw_ceiling(nats_url, raw_db, min(args.contacts, 100_000))
-        result = await run_campaign(
-            mesh, args.contacts, args.flow, mesh.info.get("workspace_id", "ws_default")
-        )
-        rss = mesh.peak_rss_mb()
+        for i, mode in enumerate(modes * args.repeat):
+            pg_url = ""
+            if admin is not None:
+                # Fresh databases per mesh, as the SQLite files are.
+                with admin.connect() as conn:
+                    for svc in ("segment", "template", "billing", "campaign", "execution", "raw"):
+                        name = f"bench_{svc}_{uuid.uuid4().hex[:6]}"
+                        conn.execute(text(f'CREATE DATABASE "{name}"'))
+                        pg_dbs.append(name)
+                        url = args.postgres_url.rsplit("/", 1)[0] + "/" + name
+                        if svc == "raw":
+                            pg_url = url
+                        else:
+                            env[f"SHOAL_{svc.upper()}_DATABASE_URL"] = url
+            console.print(f"[bold]{mode_name(mode)}[/bold]: starting a fresh mesh")
+            result = await measure(args, data / f"mesh-{i}", env, mode, with_ceiling=i == 0, pg_url=pg_url)
+            results.append(result)
+            runs[mode].append(result)
     finally:
-        mesh.stop()
-        if pg_dbs:
+        if admin is not None:
             with admin.connect() as conn:
                 for name in pg_dbs:
                     conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
-    table = Table(title=f"Shoal engine: {args.contacts:,} contacts, {args.flow}, {args.db}")
+    result = results[0]
+    ceiling = result["ceiling"]
+    title = f"Shoal engine: {args.contacts:,} contacts, {args.flow}, {args.db}"
+    table = Table(title=f"{title}, tracing {mode_name(modes[0])}")
     table.add_column("measure")
     table.add_column("value", justify="right")
     table.add_row("raw ceiling (fetch -> UPDATE -> publish -> ack)", f"{ceiling:,.0f} msg/s")
@@ -397,9 +537,11 @@ async def main() -> None:
     for name, us in sorted(result["cpu_us"].items(), key=lambda kv: -kv[1]):
         table.add_row(f"CPU per contact: {name}", f"{us:,.0f} µs")
     table.add_row("CPU per contact: all processes", f"{sum(result['cpu_us'].values()):,.0f} µs")
-    for name, mb in sorted(rss.items()):
+    for name, mb in sorted(result["rss"].items()):
         table.add_row(f"peak RSS {name}", f"{mb:,.0f} MB")
     console.print(table)
+    if len(runs) > 1 or modes[0] is not None:
+        console.print(tracing_table(args, modes, runs))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,10 @@ once per execution with a bounded number of calls in flight and a small cache (a
 up to three receipts, usually in separate callbacks).
 
 202 once every receipt is stored on the stream. A backend outage is 503, so the carrier retries.
+
+Tracing: a callback is its own trace (carriers send no trace context). Each receipt gets a
+`shoal.receipt` span carrying the execution id, send key, node, contact, campaign and run, so a
+search by `shoal.execution.id` in Jaeger finds an execution's receipts next to its run's trace.
 """
 
 from __future__ import annotations
@@ -29,15 +33,19 @@ import grpc
 import nats.errors
 from fastapi import APIRouter, Depends, Path, Request
 from google.protobuf import timestamp_pb2
+from opentelemetry import trace
+from opentelemetry.trace import Span, Status, StatusCode
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from gateway.backends import Backends, get_backends
 from gateway.config import PROVIDER_RE, GatewaySettings
 from gateway.errors import ApiError, ErrorBody, ErrorDetail, field_path
 from shoal.bus import Outgoing, PublishError, event_subject
+from shoal.telemetry import ATTR_CAMPAIGN_ID, ATTR_CONTACT_ID, ATTR_EXECUTION_ID, ATTR_NODE_ID, ATTR_RUN_ID
 from shoal.v1 import common_pb2, events_pb2, execution_pb2
 
 log = logging.getLogger(__name__)
+tracer = trace.get_tracer("gateway.receipts")
 
 router = APIRouter(prefix="/v1/providers", tags=["providers"])
 
@@ -148,6 +156,34 @@ class ReceiptIngest:
         return out
 
 
+def receipt_spans(provider: str, events: list[events_pb2.MessageReceipt]) -> list[Span]:
+    """One `shoal.receipt` span per receipt, children of the request's span (none when unsampled)."""
+    if not trace.get_current_span().is_recording():
+        return []
+    spans = []
+    for e in events:
+        attributes = {
+            "shoal.provider": provider,
+            "shoal.send.key": e.send_key,
+            "shoal.receipt.status": events_pb2.ReceiptStatus.Name(e.status)
+            .removeprefix("RECEIPT_STATUS_")
+            .lower(),
+            "shoal.provider.message_id": e.provider_message_id,
+        }
+        execution_id = e.send_key.rpartition(":")[0]
+        for name, value in (
+            (ATTR_EXECUTION_ID, execution_id),
+            (ATTR_NODE_ID, e.node_id),
+            (ATTR_CONTACT_ID, e.contact_id),
+            (ATTR_CAMPAIGN_ID, e.campaign_id),
+            (ATTR_RUN_ID, e.run_id),
+        ):
+            if value:
+                attributes[name] = value
+        spans.append(tracer.start_span("shoal.receipt", attributes=attributes))
+    return spans
+
+
 def get_ingest(request: Request) -> ReceiptIngest:
     ingest: ReceiptIngest = request.app.state.receipts
     return ingest
@@ -234,10 +270,16 @@ async def provider_events(
         )
         for r, event in zip(batch.receipts, events, strict=True)
     ]
+    spans = receipt_spans(provider, events)
     try:
         bus = await asyncio.wait_for(backends.bus(), timeout=settings.bus_connect_timeout_seconds)
         await bus.publish_many(items, timeout=10.0)
     except (TimeoutError, PublishError, nats.errors.Error, OSError) as exc:
         log.warning("publishing %d receipts failed: %r", len(items), type(exc).__name__)
+        for span in spans:
+            span.set_status(Status(StatusCode.ERROR, "not stored"))
         raise ApiError(503, "unavailable", "the event bus is unavailable; retry later") from None
+    finally:
+        for span in spans:
+            span.end()
     return ReceiptsAccepted(accepted=len(items))

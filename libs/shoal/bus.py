@@ -59,6 +59,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, TracerProvider
 
 from shoal import telemetry
+from shoal.config import SharedSettings
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,8 @@ _MAX_LINKS = 128
 
 # JetStream error code for "stream name already in use with a different configuration".
 _ERR_STREAM_NAME_IN_USE = 10058
+# "replicas > 1 not supported in non-clustered mode", "insufficient resources" (fewer servers).
+_ERR_REPLICAS = frozenset({10074, 10023})
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_-]*$")
 _BAD_TOKEN_RE = re.compile(r"[.*>\s]")
 
@@ -104,6 +107,15 @@ def step_subject(campaign_id: str) -> str:
 def event_subject(domain: str, kind: str) -> str:
     """Subject of an event (not namespaced; see `Bus.event_subject`)."""
     return f"shoal.events.{_token(domain, 'event domain')}.{_token(kind, 'event kind')}"
+
+
+def stream_replicas() -> int:
+    """The `SHOAL_NATS_STREAM_REPLICAS` setting (1..5, default 1), validated like every setting."""
+    return SharedSettings.load().nats_stream_replicas
+
+
+class StreamReplicasError(Exception):
+    """The server cannot keep a stream with that many replicas (not clustered, or too few servers)."""
 
 
 class PublishError(Exception):
@@ -255,9 +267,20 @@ class Bus:
     # -- streams and consumers ---------------------------------------------------------------
 
     async def ensure_streams(
-        self, *, duplicate_window: float = 120.0, events_max_age: float = 7 * 86400
+        self,
+        *,
+        duplicate_window: float = 120.0,
+        events_max_age: float = 7 * 86400,
+        replicas: int | None = None,
     ) -> None:
-        """Create EXEC and EVENTS, or update them to this configuration."""
+        """Create EXEC and EVENTS, or update them to this configuration.
+
+        `replicas` (default: the `SHOAL_NATS_STREAM_REPLICAS` setting) is how many servers of a
+        JetStream cluster keep each stream; durable consumers inherit it. Every start applies it,
+        so raising the setting and restarting a service moves existing streams to it.
+        """
+        if replicas is None:
+            replicas = stream_replicas()
         await self._ensure_stream(
             StreamConfig(
                 name=self.stream_name(STREAM_EXEC),
@@ -265,6 +288,7 @@ class Bus:
                 retention=RetentionPolicy.WORK_QUEUE,
                 storage=StorageType.FILE,
                 duplicate_window=duplicate_window,
+                num_replicas=replicas,
             )
         )
         await self._ensure_stream(
@@ -276,16 +300,25 @@ class Bus:
                 max_age=events_max_age,
                 # The server refuses a duplicate window longer than the stream's max age.
                 duplicate_window=min(duplicate_window, events_max_age),
+                num_replicas=replicas,
             )
         )
 
     async def _ensure_stream(self, config: StreamConfig) -> None:
         try:
-            await self.js.add_stream(config)
-        except nats.js.errors.BadRequestError as exc:
-            if exc.err_code != _ERR_STREAM_NAME_IN_USE:
-                raise
-            await self.js.update_stream(config)
+            try:
+                await self.js.add_stream(config)
+            except nats.js.errors.BadRequestError as exc:
+                if exc.err_code != _ERR_STREAM_NAME_IN_USE:
+                    raise
+                await self.js.update_stream(config)
+        except nats.js.errors.APIError as exc:
+            if (config.num_replicas or 1) > 1 and exc.err_code in _ERR_REPLICAS:
+                raise StreamReplicasError(
+                    f"stream {config.name} with {config.num_replicas} replicas: {exc.description} "
+                    "(SHOAL_NATS_STREAM_REPLICAS must not exceed the JetStream servers in the cluster)"
+                ) from exc
+            raise
 
     async def ensure_consumer(
         self,

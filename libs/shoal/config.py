@@ -24,6 +24,12 @@ class SharedSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SHOAL_", extra="ignore", frozen=True)
 
     nats_url: str = Field(default="nats://127.0.0.1:4222", description="NATS server URL(s), comma separated")
+    nats_stream_replicas: int = Field(
+        default=1,
+        ge=1,
+        le=5,
+        description="Copies JetStream keeps of the EXEC and EVENTS streams (3 on a 3-server cluster)",
+    )
     data_dir: Path = Field(default=Path(".data"), description="Folder for embedded databases")
     workspace_id: str = Field(default="ws_default", description="Workspace created by the embedded default")
     namespace: str = Field(

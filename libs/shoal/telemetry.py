@@ -21,7 +21,7 @@ from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, Sampler, TraceIdRatioBased
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 # Attribute names of DESIGN §6, in one place so spans and tests agree.
@@ -48,10 +48,17 @@ def init(
 
     The OTLP exporter is used when `OTEL_EXPORTER_OTLP_ENDPOINT` is set; an explicit `exporter`
     (tests) is exported synchronously so assertions see spans as soon as they end.
+
+    Sampling is parent-based: a trace started here is sampled with `sample_ratio`, one continued
+    from a caller or a message follows the caller's decision. With no exporter at all, traces
+    started here are not sampled: nothing would receive the spans, and recording them costs CPU
+    (bench/engine.py, docs/operations.md). Trace ids still propagate and reach the log lines.
     """
+    exporting = exporter is not None or bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+    root: Sampler = TraceIdRatioBased(sample_ratio) if exporting else ALWAYS_OFF
     provider = TracerProvider(
         resource=Resource.create({"service.name": service_name}),
-        sampler=ParentBased(TraceIdRatioBased(sample_ratio)),
+        sampler=ParentBased(root),
     )
     if exporter is not None:
         provider.add_span_processor(SimpleSpanProcessor(exporter))

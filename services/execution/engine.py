@@ -15,13 +15,15 @@ import json
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
 from google.protobuf import struct_pb2
 from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import INVALID_SPAN, Link, Span, Status, StatusCode
 
 from services.execution import repo
 from services.execution.breaker import OPEN, Breaker, BreakerPolicy
@@ -43,7 +45,15 @@ from shoal import metrics as shoal_metrics
 from shoal.bus import Bus, Delivery, Outgoing
 from shoal.campaign_states import RUNNING, CampaignStates
 from shoal.db import Database
-from shoal.telemetry import ATTR_CAMPAIGN_ID, ATTR_NODE_ID, ATTR_NODE_TYPE, ATTR_RUN_ID
+from shoal.telemetry import (
+    ATTR_CAMPAIGN_ID,
+    ATTR_CONTACT_ID,
+    ATTR_EXECUTION_ID,
+    ATTR_NODE_ID,
+    ATTR_NODE_TYPE,
+    ATTR_RUN_ID,
+    ATTR_WORKSPACE_ID,
+)
 from shoal.v1 import billing_pb2 as bpb
 from shoal.v1 import campaign_pb2 as cpb
 from shoal.v1 import common_pb2 as common
@@ -57,6 +67,19 @@ tracer = trace.get_tracer("shoal.execution")
 
 # A valid flow has at most flows.MAX_STEPS nodes on any path.
 MAX_HOPS = flows.MAX_STEPS + 1
+# One span per execution per step: the span Jaeger's tag search finds by `shoal.execution.id`.
+EXECUTION_SPAN_NAME = "shoal.execution"
+ATTR_STEP_SEQ = "shoal.execution.step_seq"
+ATTR_STATE = "shoal.execution.state"
+ATTR_NEXT_NODE = "shoal.execution.next_node"
+ATTR_REASON = "shoal.execution.reason"
+ATTR_WAKE_AT = "shoal.execution.wake_at"
+_STATE_NAMES: dict[int, str] = {
+    PENDING: "pending",
+    COMPLETED: "completed",
+    FAILED: "failed",
+    SKIPPED: "skipped",
+}
 
 
 @dataclass
@@ -101,12 +124,18 @@ class RunCache:
 
 @dataclass
 class Work:
-    """One claimed execution moving through nodes in this batch."""
+    """One claimed execution moving through nodes in this batch.
+
+    `context` is the CONSUMER span of the message that delivered it (its run's trace); `span` is
+    its own `shoal.execution` span, linked to every node span that works on it.
+    """
 
     row: ExecRow
     run: RunInfo
     node_id: str
     outcome: Outcome | None = None
+    context: Context | None = None
+    span: Span = INVALID_SPAN
 
     def park(self, state: int, *, reason: str = "", wake_at: Any = None, node_id: str | None = None) -> None:
         self.outcome = Outcome(self.row, state, node_id or self.node_id, reason, wake_at)
@@ -175,9 +204,31 @@ class Engine:
         claimed = await self.db.run(repo.claim, candidates=candidates, lease=self.lease)
         if not claimed:
             return
-        await self.advance(claimed)
+        await self.advance(claimed, {d.payload.execution_id: d.context for d in deliveries})
 
-    async def advance(self, claimed: Sequence[ExecRow]) -> None:
+    async def advance(
+        self, claimed: Sequence[ExecRow], contexts: Mapping[str, Context] | None = None
+    ) -> None:
+        """Run the claimed executions until they park and commit; `contexts` maps an execution id
+        to the trace context of the message that delivered it."""
+        contexts = contexts or {}
+        spans = {row.id: _execution_span(row, contexts.get(row.id)) for row in claimed}
+        try:
+            result = await self._advance(claimed, contexts, spans)
+        except BaseException as exc:
+            for span in spans.values():
+                span.set_status(Status(StatusCode.ERROR, repr(exc)))
+                span.end()
+            raise
+        for outcome in result.outcomes:
+            if outcome.row.id in spans:
+                _end_execution_span(spans.pop(outcome.row.id), outcome)
+        for span in spans.values():
+            span.end()
+
+    async def _advance(
+        self, claimed: Sequence[ExecRow], contexts: Mapping[str, Context], spans: Mapping[str, Span]
+    ) -> BatchResult:
         runs = await self.runs.get_many({c.run_id for c in claimed})
         work: list[Work] = []
         orphans: list[Outcome] = []
@@ -186,7 +237,7 @@ class Engine:
             if run is None or row.node_id not in run.flow.nodes:
                 orphans.append(Outcome(row, FAILED, row.node_id, "unknown run or node"))
             else:
-                work.append(Work(row, run, row.node_id))
+                work.append(Work(row, run, row.node_id, context=contexts.get(row.id), span=spans[row.id]))
         result = BatchResult(outcomes=orphans)
         await self.run_until_parked(work, result)
         result.outcomes.extend(w.outcome for w in work if w.outcome is not None)
@@ -203,6 +254,7 @@ class Engine:
         await self.settle(result)
         counters = await self.db.run(commit)
         await self.publish_progress(counters)
+        return result
 
     async def run_until_parked(self, work: list[Work], result: BatchResult) -> None:
         active = list(work)
@@ -233,8 +285,22 @@ class Engine:
 
     async def _run_node(self, node: flows.Node, work: list[Work], result: BatchResult) -> None:
         run = work[0].run
+        # The batch span belongs to the trace of the batch's first message. A group of another
+        # run's executions (one run is one trace) goes under its own message's CONSUMER span
+        # instead, linked to the batch, so its calls show up in its own trace.
+        parent: Context | None = None
+        links: list[Link] = []
+        own = work[0].context
+        if own is not None:
+            batch = trace.get_current_span().get_span_context()
+            if trace.get_current_span(own).get_span_context().trace_id != batch.trace_id:
+                parent = own
+                if batch.is_valid:
+                    links.append(Link(batch))
         with tracer.start_as_current_span(
             f"shoal.node {node.kind}",
+            context=parent,
+            links=links,
             attributes={
                 ATTR_NODE_ID: node.id,
                 ATTR_NODE_TYPE: node.kind,
@@ -242,7 +308,11 @@ class Engine:
                 ATTR_CAMPAIGN_ID: run.campaign_id,
                 "shoal.batch.size": len(work),
             },
-        ):
+        ) as span:
+            if span.is_recording():
+                here = span.get_span_context()
+                for w in work:
+                    w.span.add_link(here)
             if node.kind == flows.END:
                 for w in work:
                     w.park(COMPLETED)
@@ -519,6 +589,7 @@ class Engine:
                         m.billing_unit,
                         max(m.units, 1),
                         amount,
+                        traceparent=_traceparent(w.span),
                     )
                 )
                 result.capture[ws].append(key)
@@ -662,6 +733,44 @@ class Engine:
             items.append(Outgoing(self.bus.event_subject("execution", "run_progress"), progress))
         if items:
             await self.bus.publish_many(items)
+
+
+def _execution_span(row: ExecRow, context: Context | None) -> Span:
+    """The `shoal.execution` span of one step of one execution, child of its message's CONSUMER span."""
+    return tracer.start_span(
+        EXECUTION_SPAN_NAME,
+        context=context,
+        attributes={
+            ATTR_EXECUTION_ID: row.id,
+            ATTR_CONTACT_ID: row.contact_id,
+            ATTR_RUN_ID: row.run_id,
+            ATTR_CAMPAIGN_ID: row.campaign_id,
+            ATTR_WORKSPACE_ID: row.workspace_id,
+            ATTR_NODE_ID: row.node_id,
+            ATTR_STEP_SEQ: row.step_seq,
+        },
+    )
+
+
+def _traceparent(span: Span) -> str:
+    """W3C traceparent of a recording span, "" otherwise (nothing to link to)."""
+    if not span.is_recording():
+        return ""
+    ctx = span.get_span_context()
+    return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
+
+
+def _end_execution_span(span: Span, outcome: Outcome) -> None:
+    if span.is_recording():
+        span.set_attribute(ATTR_STATE, _STATE_NAMES.get(outcome.state, str(outcome.state)))
+        span.set_attribute(ATTR_NEXT_NODE, outcome.node_id)
+        if outcome.reason:
+            span.set_attribute(ATTR_REASON, outcome.reason)
+        if outcome.wake_at is not None:
+            span.set_attribute(ATTR_WAKE_AT, outcome.wake_at.isoformat())
+        if outcome.state == FAILED:
+            span.set_status(Status(StatusCode.ERROR, outcome.reason))
+    span.end()
 
 
 def _send_key(w: Work, node: flows.Node) -> str:

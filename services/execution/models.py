@@ -122,5 +122,8 @@ class Send(ExecutionModel, table=True):
     billing_unit: int = 0
     units: int = 1
     cost_cents: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+    # W3C traceparent of the execution's span that sent it (empty when not traced): a receipt
+    # for this send links to it, from its own trace.
+    traceparent: str = Field(default="", max_length=64)
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)

@@ -599,6 +599,7 @@ _SEND_COLUMNS = (
     "billing_unit",
     "units",
     "cost_cents",
+    "traceparent",
     "created_at",
 )
 _INSERT_SENDS = BulkStatement(
@@ -636,6 +637,8 @@ class NewSend:
     billing_unit: int
     units: int
     cost_cents: int
+    # The sending execution's span (W3C traceparent), "" when not traced.
+    traceparent: str = ""
 
 
 def record_sends(session: Session, sends: Sequence[NewSend]) -> None:
@@ -665,6 +668,7 @@ def record_sends(session: Session, sends: Sequence[NewSend]) -> None:
                 r.billing_unit,
                 r.units,
                 r.cost_cents,
+                r.traceparent,
                 t,
             )
             for r in fresh

@@ -17,6 +17,7 @@ from services.execution.providers.base import (
     ProviderUnavailable,
     SendResult,
 )
+from shoal import telemetry
 
 SIGNATURE_HEADER = "X-Sandbox-Signature"
 _STATUSES = frozenset({"accepted", "duplicate", "failed"})
@@ -54,7 +55,8 @@ class SandboxProvider(Provider):
 
     async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         try:
-            response = await self._client.post(path, json=body)
+            # W3C trace context, so the carrier's spans join the send's trace.
+            response = await self._client.post(path, json=body, headers=telemetry.inject({}))
         except httpx.TimeoutException as exc:
             raise ProviderUnavailable(self.name, f"timed out calling {path}") from exc
         except httpx.TransportError as exc:
