@@ -55,7 +55,7 @@ chaos: install ## fault scenarios over the whole mesh; rewrites docs/reliability
 	SHOAL_RELIABILITY_REPORT=docs/reliability.md $(BIN)/python -m pytest tests/chaos $(PYTEST_ARGS)
 
 fuzz: install ## schemathesis over every REST operation with many more cases than make test (FUZZ_EXAMPLES=200)
-	SHOAL_FUZZ_EXAMPLES=$(or $(FUZZ_EXAMPLES),200) $(BIN)/python -m pytest tests/integration/test_rest_fuzz.py tests/unit/test_flow_fuzz.py tests/unit/test_segment_filters.py tests/unit/test_template_fuzz.py $(PYTEST_ARGS)
+	SHOAL_FUZZ_EXAMPLES=$(or $(FUZZ_EXAMPLES),200) SHOAL_FUZZ_COVERAGE=1 $(BIN)/python -m pytest tests/integration/test_rest_fuzz.py tests/unit/test_flow_fuzz.py tests/unit/test_segment_filters.py tests/unit/test_template_fuzz.py $(PYTEST_ARGS)
 
 run: install ## start the whole mesh on embedded defaults (Ctrl-C stops it all)
 	$(BIN)/python -m shoal.runner $(ARGS)
