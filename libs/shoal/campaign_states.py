@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 from nats.js.kv import KeyValue
 
-from shoal.bus import Bus
+from shoal.bus import Bus, stream_replicas
 from shoal.v1 import campaign_pb2 as cpb
 
 BUCKET = "CAMPAIGN_STATES"
@@ -30,7 +30,9 @@ class CampaignStates:
         try:
             kv = await bus.js.key_value(name)
         except BucketNotFoundError:
-            kv = await bus.js.create_key_value(bucket=name, history=1)
+            # As many copies as the streams (SHOAL_NATS_STREAM_REPLICAS): losing a server must not
+            # lose the states the workers gate on. An existing bucket keeps its replica count.
+            kv = await bus.js.create_key_value(bucket=name, history=1, replicas=stream_replicas())
         return cls(kv)
 
     async def put(self, campaign_id: str, state: int) -> None:

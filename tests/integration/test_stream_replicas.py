@@ -21,7 +21,9 @@ import nats.errors
 import nats.js.errors
 import pytest
 
+from shoal import campaign_states
 from shoal.bus import STREAM_EVENTS, STREAM_EXEC, Bus, StreamReplicasError, stream_replicas
+from shoal.campaign_states import CampaignStates
 from shoal.config import ConfigError, SharedSettings
 from shoal.natsserver import find_binary
 from shoal.v1 import events_pb2 as ev
@@ -158,6 +160,11 @@ async def test_a_three_server_cluster_keeps_r3_streams_through_a_lost_server(
                 info = await bus.stream_info(stream)
                 assert info.config.num_replicas == 3
                 assert info.cluster is not None and len(info.cluster.replicas or []) == 2
+            # The campaign-state bucket the workers gate on is replicated like the streams.
+            states = await CampaignStates.open(bus)
+            bucket = await bus.js.stream_info(f"KV_{bus.stream_name(campaign_states.BUCKET)}")
+            assert bucket.config.num_replicas == 3
+            await states.put("c1", campaign_states.RUNNING)
             await bus.ensure_consumer(STREAM_EXEC, "workers", max_deliver=5)
             consumer = await bus.consumer_info(STREAM_EXEC, "workers")
             # 0 means "as the stream": the consumer's state is replicated like the stream.
@@ -198,6 +205,15 @@ async def test_a_three_server_cluster_keeps_r3_streams_through_a_lost_server(
 
             await wait_for(consumed, timeout=20, interval=0.1, message=lambda: f"consumed {got}")
             assert sorted(got) == ["after", "before"]
+
+            async def state_kept() -> bool:
+                # The bucket may have lost its leader too: read once it has a new one.
+                try:
+                    return await states.get("c1") == campaign_states.RUNNING
+                except (nats.errors.Error, nats.js.errors.Error, TimeoutError):
+                    return False
+
+            await wait_for(state_kept, timeout=20, interval=0.25, message="the campaign state after the loss")
             info = await bus.stream_info(STREAM_EXEC)
             assert info.cluster is not None and info.cluster.leader != victim.name
         finally:
