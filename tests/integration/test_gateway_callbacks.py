@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hmac
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ import pytest
 from gateway.app import create_app
 from gateway.backends import EXECUTION_SERVICE
 from gateway.config import GatewaySettings
+from gateway.routers import providers as providers_router
 from services.sandbox.receipts import Receipt, sign
 from shoal.bus import STREAM_EVENTS, Bus
 from shoal.errors import NotFound, Unavailable
@@ -224,6 +226,31 @@ async def test_a_bad_signature_is_401_and_nothing_is_published(h: Harness, heade
     assert reply.json()["error"] == "bad_signature"
     assert h.executions.calls == []
     assert await h.stored() == 0
+
+
+async def test_the_callback_signature_is_compared_in_constant_time(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every verdict on a signature goes through hmac.compare_digest, right or wrong, so the time
+    it takes says nothing about how much of a forged signature was right."""
+    calls: list[tuple[bytes, bytes]] = []
+    original = hmac.compare_digest
+
+    def spy(a: Any, b: Any) -> bool:
+        calls.append((a, b))
+        return original(a, b)
+
+    monkeypatch.setattr(providers_router.hmac, "compare_digest", spy)
+    body = body_of(receipt("ex_1"))
+    good = signed(body)
+    assert (await h.client.post(PATH, content=body, headers=good)).status_code == 202
+    forged = {"X-Sandbox-Signature": good["X-Sandbox-Signature"][:-1] + "0"}
+    if forged == good:
+        forged = {"X-Sandbox-Signature": good["X-Sandbox-Signature"][:-1] + "1"}
+    assert (await h.client.post(PATH, content=body, headers=forged)).status_code == 401
+    assert len(calls) == 2
+    # The full hex digests are compared, never a prefix or the parsed body.
+    assert all(len(a) == 64 for a, _b in calls)
 
 
 async def test_the_signature_is_checked_before_the_body_is_parsed(h: Harness) -> None:
