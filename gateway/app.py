@@ -27,7 +27,9 @@ from gateway.routers import (
     billing,
     campaigns,
     contacts,
+    dashboard,
     executions,
+    funnel,
     health,
     providers,
     segments,
@@ -141,6 +143,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     )
     app.include_router(health.router)
     app.include_router(campaigns.router)
+    app.include_router(funnel.router)
     app.include_router(executions.router)
     app.include_router(contacts.router)
     app.include_router(segments.router)
@@ -148,6 +151,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(billing.router)
     app.include_router(webhooks.router)
     app.include_router(providers.router)
+    app.include_router(dashboard.router)
 
     @app.get("/", include_in_schema=False)
     async def root() -> RedirectResponse:

@@ -45,7 +45,7 @@ CAMPAIGN_IDEMPOTENT = (
     "ValidateCampaign",
     "EstimateCampaign",
 )
-EXECUTION_IDEMPOTENT = ("GetExecution", "ListExecutions", "GetRunCounts", "ListSends")
+EXECUTION_IDEMPOTENT = ("GetExecution", "ListExecutions", "GetRunCounts", "ListSends", "GetRunFunnel")
 SEGMENT_IDEMPOTENT = (
     "GetContact",
     "ListContacts",

@@ -111,6 +111,12 @@ class GatewaySettings(SharedSettings):
         default=30, ge=1, le=3650, description="Finished deliveries (and their attempts) older than this go"
     )
     webhook_max_endpoints: int = Field(default=20, ge=1, le=1000, description="Endpoints per workspace")
+    # -- dashboard (gateway.routers.dashboard) --
+    jaeger_url: str = Field(
+        default="http://localhost:16686",
+        pattern=r"^https?://[^\s]+$",
+        description="Jaeger UI base URL: the dashboard links an execution to `<url>/trace/<trace id>`",
+    )
 
     @field_validator("rate_limit")
     @classmethod

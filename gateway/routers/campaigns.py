@@ -249,15 +249,19 @@ async def trigger_campaign(
     data = struct_pb2.Struct()
     if body.data:
         data.update(body.data)
-    reply = await backends.campaigns.TriggerCampaign(
-        campaign_pb2.TriggerCampaignRequest(
-            workspace_id=principal.workspace_id,
-            campaign_id=str(campaign_id),
-            idempotency_key=body.idempotency_key or "",
-            recipients=body.recipients or [],
-            data=data,
-            actor=principal.actor,
-        )
+    # A launch refused for the flow names each problem by its JSON path, as start does.
+    reply = await _precise(
+        backends.campaigns.TriggerCampaign(
+            campaign_pb2.TriggerCampaignRequest(
+                workspace_id=principal.workspace_id,
+                campaign_id=str(campaign_id),
+                idempotency_key=body.idempotency_key or "",
+                recipients=body.recipients or [],
+                data=data,
+                actor=principal.actor,
+            )
+        ),
+        flow_of=lambda: _flow(backends, principal, campaign_id),
     )
     if reply.replayed:
         response.headers[REPLAYED_HEADER] = "true"
@@ -318,9 +322,6 @@ T = TypeVar("T")
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
-# A node_id filter is applied here, over the service's pages (the execution service filters by
-# run and state only); one request examines at most this many executions before answering.
-NODE_SCAN_LIMIT = 5_000
 
 _READ: dict[int | str, dict[str, Any]] = {
     **_COMMON,
@@ -624,12 +625,7 @@ class TransitionPage(BaseModel):
 
 class ExecutionPage(BaseModel):
     items: list[Execution] = Field(description="Ordered by execution id")
-    next_cursor: str | None = Field(
-        description=(
-            "Null on the last page. With `node_id`, a page may hold fewer than `limit` items (even "
-            "none) and still have a next cursor: the filter is applied while reading"
-        )
-    )
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last")
 
 
 # ---- mapping ----------------------------------------------------------------------------------
@@ -1210,33 +1206,17 @@ async def list_executions(
     check_campaign(principal, str(campaign_id))
     await _get(backends, principal, campaign_id)  # 404 for a campaign this workspace does not have
 
-    def request(token: str, size: int) -> execution_pb2.ListExecutionsRequest:
-        return execution_pb2.ListExecutionsRequest(
+    reply = await backends.executions.ListExecutions(
+        execution_pb2.ListExecutionsRequest(
             workspace_id=principal.workspace_id,
             campaign_id=str(campaign_id),
             run_id=str(run_id) if run_id else "",
             state=execution_state_to_pb(state),
-            page=PageRequest(page_size=size, page_token=token),
+            node_id=node_id or "",
+            page=PageRequest(page_size=limit, page_token=cursor or ""),
         )
-
-    if node_id is None:
-        reply = await backends.executions.ListExecutions(request(cursor or "", limit))
-        return ExecutionPage(
-            items=[execution_from_pb(e) for e in reply.executions],
-            next_cursor=reply.page.next_page_token or None,
-        )
-    items: list[Execution] = []
-    token, scanned = cursor or "", 0
-    while True:
-        reply = await backends.executions.ListExecutions(request(token, MAX_LIMIT))
-        for e in reply.executions:
-            scanned += 1
-            token = e.id
-            if e.node_id == node_id:
-                items.append(execution_from_pb(e))
-                if len(items) == limit:
-                    return ExecutionPage(items=items, next_cursor=e.id)
-        if not reply.page.next_page_token:
-            return ExecutionPage(items=items, next_cursor=None)
-        if scanned >= NODE_SCAN_LIMIT:
-            return ExecutionPage(items=items, next_cursor=token)
+    )
+    return ExecutionPage(
+        items=[execution_from_pb(e) for e in reply.executions],
+        next_cursor=reply.page.next_page_token or None,
+    )

@@ -678,3 +678,26 @@ def record_sends(session: Session, sends: Sequence[NewSend]) -> None:
     for r in fresh:
         deltas.setdefault(r.run_id, Counter())["sent"] += 1
     move_counters(session, deltas)
+
+
+# -- funnel --------------------------------------------------------------------------------------
+
+
+def run_funnel(session: Session, *, run_id: str) -> tuple[list[Any], list[Any]]:
+    """A run's executions counted by (node_id, state, reason, ab_variant), and its sends by
+    (node_id, status): two GROUP BY reads (the run_id prefix of the executions' unique key and
+    ix_sends_run find the rows)."""
+    from sqlalchemy import func
+
+    conn = session.connection()
+    executions = conn.execute(
+        select(E.c.node_id, E.c.state, E.c.reason, E.c.ab_variant, func.count().label("count"))
+        .where(E.c.run_id == run_id)
+        .group_by(E.c.node_id, E.c.state, E.c.reason, E.c.ab_variant)
+    ).all()
+    sends = conn.execute(
+        select(S.c.node_id, S.c.status, func.count().label("count"))
+        .where(S.c.run_id == run_id)
+        .group_by(S.c.node_id, S.c.status)
+    ).all()
+    return list(executions), list(sends)

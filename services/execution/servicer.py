@@ -15,6 +15,7 @@ from shoal.bus import Bus
 from shoal.campaign_states import CampaignStates
 from shoal.db import Database
 from shoal.errors import FieldViolation, InvalidArgument, NotFound
+from shoal.v1 import campaign_pb2 as cpb
 from shoal.v1 import common_pb2 as common
 from shoal.v1 import execution_pb2 as pb
 from shoal.v1 import execution_pb2_grpc
@@ -151,12 +152,16 @@ class ExecutionServicer(execution_pb2_grpc.ExecutionServiceServicer):
                 q = q.where(E.c.campaign_id == request.campaign_id)
             if request.state:
                 q = q.where(E.c.state == request.state)
+            if request.node_id:
+                q = q.where(E.c.node_id == request.node_id)
             if after:
                 q = q.where(E.c.id > after)
-            return list(session.execute(q.order_by(E.c.id).limit(size)).all())
+            # One row more than the page: a next page token only when there is a next page.
+            return list(session.execute(q.order_by(E.c.id).limit(size + 1)).all())
 
         rows = await self.db.run(work)
-        token = rows[-1].id if len(rows) == size else ""
+        token = rows[size - 1].id if len(rows) > size else ""
+        rows = rows[:size]
         return pb.ListExecutionsResponse(
             executions=[execution_pb(r) for r in rows], page={"next_page_token": token}
         )
@@ -206,6 +211,32 @@ class ExecutionServicer(execution_pb2_grpc.ExecutionServiceServicer):
         rows = await self.db.run(work)
         token = rows[-1].key if len(rows) == size else ""
         return pb.ListSendsResponse(sends=[send_pb(r) for r in rows], page={"next_page_token": token})
+
+    async def GetRunFunnel(self, request: pb.GetRunFunnelRequest, context: Any) -> pb.GetRunFunnelResponse:
+        ws = require(request.workspace_id, "workspace_id")
+        require(request.run_id, "run_id")
+
+        def work(session: Any) -> tuple[Any, list[Any], list[Any]]:
+            run = repo.get_run(session, run_id=request.run_id, workspace_id=ws)
+            if run is None:
+                return None, [], []
+            return run, *repo.run_funnel(session, run_id=request.run_id)
+
+        run, rows, sends = await self.db.run(work)
+        if run is None:
+            raise NotFound(f"run {request.run_id} not found")
+        return pb.GetRunFunnelResponse(
+            rows=[
+                pb.FunnelRow(
+                    node_id=r.node_id, state=r.state, reason=r.reason, ab_variant=r.ab_variant, count=r.count
+                )
+                for r in rows
+            ],
+            sends=[pb.SendCount(node_id=s.node_id, status=s.status, count=s.count) for s in sends],
+            campaign_id=run.campaign_id,
+            flow_version=run.flow_version,
+            flow=cpb.Flow.FromString(run.flow),
+        )
 
 
 def repo_violation(error: flows.FlowError) -> FieldViolation:
