@@ -51,7 +51,7 @@ test: install ## the suite CI runs (real NATS, gRPC, SQLite; PostgreSQL when SHO
 test-slow: install ## the long suites (crash and scale tests), not part of make test
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
-chaos: install ## fault scenarios over the whole mesh; rewrites docs/reliability.md (also run by make test)
+chaos: install ## every fault scenario (slow ones included; make test runs the short profile); rewrites docs/reliability.md
 	SHOAL_RELIABILITY_REPORT=docs/reliability.md $(BIN)/python -m pytest tests/chaos $(PYTEST_ARGS)
 
 fuzz: install ## schemathesis over every REST operation with many more cases than make test (FUZZ_EXAMPLES=200)
