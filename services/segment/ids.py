@@ -20,12 +20,20 @@ EVENT = "evt"
 SEGMENT = "seg"
 
 
-def _encode(value: int, length: int) -> str:
-    chars = []
-    for _ in range(length):
-        chars.append(_ALPHABET[value & 31])
-        value >>= 5
-    return "".join(reversed(chars))
+# Two characters per lookup: the 10-character parts of an id are five lookups, not ten steps.
+_PAIRS = [a + b for a in _ALPHABET for b in _ALPHABET]
+
+
+def _encode10(value: int) -> str:
+    """0 <= value < 2**50 as 10 Crockford base32 characters, most significant first."""
+    pairs = _PAIRS
+    return (
+        pairs[(value >> 40) & 1023]
+        + pairs[(value >> 30) & 1023]
+        + pairs[(value >> 20) & 1023]
+        + pairs[(value >> 10) & 1023]
+        + pairs[value & 1023]
+    )
 
 
 class _Monotonic:
@@ -36,13 +44,14 @@ class _Monotonic:
         self.last_ms = -1
         self.last_rand = 0
 
-    def next(self, millis: int) -> tuple[int, int]:
+    def next(self, millis: int, count: int = 1) -> tuple[int, int]:
+        """(millisecond, first random part) of `count` consecutive ids."""
         with self.lock:
-            if millis <= self.last_ms and self.last_rand < _RAND_MAX:
+            if millis <= self.last_ms and self.last_rand + count <= _RAND_MAX:
                 millis, rand = self.last_ms, self.last_rand + 1
             else:
                 rand = secrets.randbits(49)  # headroom to count up within the millisecond
-            self.last_ms, self.last_rand = millis, rand
+            self.last_ms, self.last_rand = millis, rand + count - 1
             return millis, rand
 
 
@@ -52,7 +61,16 @@ _monotonic = _Monotonic()
 
 def new_id(prefix: str) -> str:
     millis, rand = _monotonic.next(time.time_ns() // 1_000_000)
-    return f"{prefix}_{_encode(millis, 10)}{_encode(rand, 10)}"
+    return f"{prefix}_{_encode10(millis)}{_encode10(rand)}"
+
+
+def new_ids(prefix: str, count: int) -> list[str]:
+    """`count` ids, strictly increasing, as `new_id` would make them one after the other."""
+    if count <= 0:
+        return []
+    millis, rand = _monotonic.next(time.time_ns() // 1_000_000, count)
+    head = f"{prefix}_{_encode10(millis)}"
+    return [head + _encode10(r) for r in range(rand, rand + count)]
 
 
 def is_id(value: str, prefix: str) -> bool:

@@ -4,8 +4,8 @@ Reads and writes take different shapes on purpose:
 - `contacts.tags_json` / `contacts.fields_json` are the contact's tags and custom fields as one JSON
   document each, so a page of members or an eligibility batch is one query without joins.
 - `contact_tags` and `contact_fields` hold the same data as indexed rows, so a segment filter finds
-  "has tag X" or "fields.plan = 'gold'" through an index on (workspace_id, name, value) on SQLite and
-  PostgreSQL alike. `repo.py` is the only writer and keeps both shapes in step.
+  "has tag X" or "fields.plan = 'gold'" through an index on (workspace_id, name, value, contact_id)
+  on SQLite and PostgreSQL alike. `repo.py` is the only writer and keeps both shapes in step.
 - `consents` is the append-only history; `consent_current` is the latest record per
   (contact, channel, message type), so eligibility and filters never scan history.
 Every table carries workspace_id and every query filters by it.
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import BigInteger, Column, DateTime, Float, Index, LargeBinary, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Column, DateTime, Float, Index, LargeBinary, Text, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
 from shoal.db import new_registry
@@ -69,16 +69,31 @@ class ContactTag(SegmentModel, table=True):
     workspace_id: str = Field(max_length=64)
 
 
+def _value_index(kind: str) -> Index:
+    """(workspace_id, name, <kind>_value, contact_id) over the rows holding a value of that kind.
+
+    Partial: a row has exactly one value column set, so each row is in one index, not four.
+    Ending with contact_id, a segment count can start from it without reading the table
+    (repo.count_audience); filters say "<kind>_value IS NOT NULL", which matches the predicate.
+    """
+    column = f"{kind}_value"
+    where = text(f"{column} IS NOT NULL")
+    return Index(
+        f"ix_contact_fields_{kind}_value",
+        "workspace_id",
+        "name",
+        column,
+        "contact_id",
+        sqlite_where=where,
+        postgresql_where=where,
+    )
+
+
 class ContactField(SegmentModel, table=True):
     """One typed custom field value; exactly one of the *_value columns is set, per `kind`."""
 
     __tablename__ = "contact_fields"
-    __table_args__ = (
-        Index("ix_contact_fields_str", "workspace_id", "name", "str_value"),
-        Index("ix_contact_fields_num", "workspace_id", "name", "num_value"),
-        Index("ix_contact_fields_ts", "workspace_id", "name", "ts_value"),
-        Index("ix_contact_fields_bool", "workspace_id", "name", "bool_value"),
-    )
+    __table_args__ = tuple(_value_index(kind) for kind in ("str", "num", "ts", "bool"))
 
     contact_id: str = Field(primary_key=True, max_length=32)
     name: str = Field(primary_key=True, max_length=64)

@@ -20,7 +20,7 @@ from services.segment import contacts as c
 from services.segment import ids, repo
 from services.segment.capabilities import CapabilityLookup
 from services.segment.config import SegmentSettings
-from services.segment.filters import compile_filter
+from services.segment.filters import compile_count, compile_filter
 from shoal.bus import Bus, Outgoing
 from shoal.db import Database
 from shoal.errors import Conflict, FieldViolation, InvalidArgument
@@ -68,21 +68,6 @@ def cursor(token: str, prefix: str, field_name: str) -> str:
     if token and not ids.is_id(token, prefix):
         raise InvalidArgument.of(field_name, "is not a token this service issued")
     return token
-
-
-def member_pb(view: c.ContactView) -> pb.Member:
-    member = pb.Member(
-        contact_id=view.id,
-        email=view.email or "",
-        phone=view.phone or "",
-        status=view.status,  # type: ignore[arg-type]
-        tags=list(view.tags),
-        first_name=view.first_name or "",
-        last_name=view.last_name or "",
-    )
-    for name, value in view.fields.items():
-        member.fields[name].CopyFrom(c.field_value_pb(value))
-    return member
 
 
 def consent_pb(view: repo.ConsentView) -> pb.ConsentRecord:
@@ -572,12 +557,12 @@ class SegmentServicer(segment_pb2_grpc.SegmentServiceServicer):  # type: ignore[
         target = request.WhichOneof("target")
         if target == "segment_id":
             segment_id = require_id(request.segment_id, ids.SEGMENT, "segment_id")
-            where = compile_filter(await self._segment_filter(ws, segment_id), workspace_id=ws, now=now())
+            plan = compile_count(await self._segment_filter(ws, segment_id), workspace_id=ws, now=now())
         elif target == "filter":
-            where = compile_filter(request.filter, workspace_id=ws, now=now())
+            plan = compile_count(request.filter, workspace_id=ws, now=now())
         else:
             raise InvalidArgument.of("target", "set segment_id or filter")
-        size = await self.db.run(lambda s: repo.count_members(s, workspace_id=ws, where=where))
+        size = await self.db.run(lambda s: repo.count_audience(s, workspace_id=ws, plan=plan))
         return pb.EstimateAudienceResponse(size=size)
 
     async def StreamMembers(
@@ -590,13 +575,12 @@ class SegmentServicer(segment_pb2_grpc.SegmentServiceServicer):  # type: ignore[
         # One `now` for the whole stream, so event windows do not slide between pages.
         where = compile_filter(await self._segment_filter(ws, segment_id), workspace_id=ws, now=now())
         while True:
-            views = await self.db.run(
-                lambda s, cursor_at=after: repo.members_page(
+            page, after, count = await self.db.run(
+                lambda s, cursor_at=after: repo.stream_page(
                     s, workspace_id=ws, where=where, after=cursor_at, limit=size
                 )
             )
-            if views:
-                yield pb.StreamMembersResponse(members=[member_pb(v) for v in views])
-            if len(views) < size:
+            if count:
+                yield page
+            if count < size:
                 return
-            after = views[-1].id
