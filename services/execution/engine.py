@@ -18,7 +18,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 from google.protobuf import struct_pb2
 from opentelemetry import trace
@@ -455,7 +455,7 @@ class Engine:
             )
 
     async def _eligible(
-        self, work: list[Work], channel: int, message_type: int
+        self, work: list[Work], channel: common.Channel, message_type: common.MessageType
     ) -> list[tuple[Work, spb.Eligibility]]:
         """The executions whose contact may receive this channel + message type; the others are
         parked `skipped` with the reason (no consent, not active, no address, unknown)."""
@@ -486,7 +486,7 @@ class Engine:
         eligible: list[tuple[Work, spb.Eligibility]],
         result: BatchResult,
         *,
-        channel: int,
+        channel: common.Channel,
         template: tpb.TemplateRef,
         as_sms: bool,
     ) -> None:
@@ -495,17 +495,23 @@ class Engine:
         run = eligible[0][0].run
         ws = run.workspace_id
         # The run's trigger data is the same for every contact: converted to a Struct once.
-        run_data = struct_pb2.Struct()
-        run_data.update(run.data)
-        rendered = await self.peers.template.RenderBatch(
-            tpb.RenderBatchRequest(
-                workspace_id=ws,
-                template=template,
-                contexts=[_render_context(w, e, run_data) for w, e in eligible],
-                as_sms=as_sms,
+        run_data: struct_pb2.Struct | None = None
+        if run.data:
+            run_data = struct_pb2.Struct()
+            run_data.update(run.data)
+        contexts = [_render_context(w, e, run_data) for w, e in eligible]
+        size = self.settings.render_batch_size
+        answers = await asyncio.gather(
+            *(
+                self.peers.template.RenderBatch(
+                    tpb.RenderBatchRequest(
+                        workspace_id=ws, template=template, contexts=contexts[i : i + size], as_sms=as_sms
+                    )
+                )
+                for i in range(0, len(contexts), size)
             )
         )
-        by_key = {m.key: m for m in rendered.messages}
+        by_key = {m.key: m for rendered in answers for m in rendered.messages}
         ready: list[tuple[Work, spb.Eligibility, tpb.RenderedMessage]] = []
         for w, e in eligible:
             msg = by_key.get(w.row.id)
@@ -692,7 +698,10 @@ class Engine:
             provider=breaker.name,
             state=ev.BREAKER_STATE_OPEN if opened else ev.BREAKER_STATE_CLOSED,
             reason=breaker.reason,
-            default_for=[common.Channel.Value(f"CHANNEL_{c.value}") for c in defaults_of(breaker.name)],
+            default_for=[
+                cast(common.Channel, common.Channel.Value(f"CHANNEL_{c.value}"))
+                for c in defaults_of(breaker.name)
+            ],
         )
         event.time.GetCurrentTime()
         await self.bus.publish(
@@ -736,7 +745,15 @@ class Engine:
 
 
 def _execution_span(row: ExecRow, context: Context | None) -> Span:
-    """The `shoal.execution` span of one step of one execution, child of its message's CONSUMER span."""
+    """The `shoal.execution` span of one step of one execution, child of its message's CONSUMER span.
+
+    Under a parent that is not sampled the span would not record either (sampling is parent-based,
+    DESIGN §6): no span is built then, which is most of a batch's tracing cost when tracing is off.
+    """
+    if context is not None:
+        parent = trace.get_current_span(context).get_span_context()
+        if parent.is_valid and not parent.trace_flags.sampled:
+            return INVALID_SPAN
     return tracer.start_span(
         EXECUTION_SPAN_NAME,
         context=context,
@@ -794,17 +811,20 @@ def _ids_filter(ids: list[str]) -> spb.Filter:
     )
 
 
-def _render_context(w: Work, e: spb.Eligibility, data: struct_pb2.Struct) -> tpb.RenderContext:
-    fields: dict[str, Any] = {"id": w.row.contact_id, "first_name": e.first_name, "last_name": e.last_name}
-    if "@" in e.address:
-        fields["email"] = e.address
-    else:
-        fields["phone"] = e.address
-    for name, value in e.fields.items():
-        kind = value.WhichOneof("kind")
-        fields[name] = getattr(value, kind) if kind else None
-    ctx = tpb.RenderContext(key=w.row.id, data=data)
-    ctx.contact.update(fields)
+def _render_context(w: Work, e: spb.Eligibility, data: struct_pb2.Struct | None) -> tpb.RenderContext:
+    ctx = tpb.RenderContext(key=w.row.id) if data is None else tpb.RenderContext(key=w.row.id, data=data)
+    # The built-in fields are strings: set directly, not through Struct.update (pure Python).
+    contact = ctx.contact.fields
+    contact["id"].string_value = w.row.contact_id
+    contact["first_name"].string_value = e.first_name
+    contact["last_name"].string_value = e.last_name
+    contact["email" if "@" in e.address else "phone"].string_value = e.address
+    if e.fields:
+        custom: dict[str, Any] = {}
+        for name, value in e.fields.items():
+            kind = value.WhichOneof("kind")
+            custom[name] = getattr(value, kind) if kind else None
+        ctx.contact.update(custom)
     return ctx
 
 
@@ -824,6 +844,6 @@ def _outbound(
             "run_id": w.run.id,
             "node_id": node.id,
             "contact_id": w.row.contact_id,
-            "headers": dict(m.headers),
+            "headers": dict(m.headers) if m.headers else {},
         },
     )

@@ -23,10 +23,11 @@ from sqlalchemy import (
     literal,
     or_,
     select,
-    tuple_,
     union,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import ClauseElement
@@ -41,7 +42,7 @@ COMPLETED = epb.EXECUTION_STATE_COMPLETED
 FAILED = epb.EXECUTION_STATE_FAILED
 SKIPPED = epb.EXECUTION_STATE_SKIPPED
 TERMINAL = (COMPLETED, FAILED, SKIPPED)
-_COUNTER = {
+_COUNTER: dict[int, str] = {
     PENDING: "pending",
     PROCESSING: "processing",
     COMPLETED: "completed",
@@ -197,6 +198,114 @@ def db_time(session: Session, value: datetime | None) -> Any:
 _TIME_PROCESSORS: dict[str, Any] = {}
 
 
+# -- set-based batch statements ------------------------------------------------------------------
+#
+# The claim and the finish of a batch are one statement each, written once per dialect: the
+# batch travels as a single parameter (a JSON array read by `json_each` on SQLite, one array per
+# column `unnest`ed on PostgreSQL) and is joined to the executions by primary key. No IN list is
+# expanded and nothing is compiled per batch, and RETURNING says exactly which rows moved.
+
+_DIALECTS = ("sqlite", "postgresql")
+
+
+def _batch_statement(
+    template: str, columns: Sequence[tuple[str, str]], scalars: Sequence[str]
+) -> dict[str, str]:
+    """`template` with `{batch}` (a table `b` of `columns`, given as (name, PostgreSQL type)) and
+    `{name}` placeholders for the scalar parameters, written out for each dialect."""
+    names = [n for n, _ in columns]
+    sqlite_batch = (
+        "(SELECT "
+        + ", ".join(f"value ->> {i} AS {n}" for i, n in enumerate(names))
+        + " FROM json_each(:batch)) AS b"
+    )
+    pg_batch = "unnest(" + ", ".join(f"%({n})s::{t}[]" for n, t in columns) + f") AS b({', '.join(names)})"
+    return {
+        "sqlite": template.format(batch=sqlite_batch, **{s: f":{s}" for s in scalars}),
+        "postgresql": template.format(batch=pg_batch, **{s: f"%({s})s" for s in scalars}),
+    }
+
+
+def _dialect(session: Session) -> str:
+    """The session's dialect name, if the execution service supports it."""
+    name = session.connection().dialect.name
+    if name not in _DIALECTS:
+        raise RuntimeError(f"the execution service supports {', '.join(_DIALECTS)}, not {name}")
+    return name
+
+
+def _sql(statement: dict[str, str], dialect: str) -> str:
+    try:
+        return statement[dialect]
+    except KeyError:
+        raise RuntimeError(f"the execution service supports {', '.join(_DIALECTS)}, not {dialect}") from None
+
+
+def _batch_params(
+    dialect: str, scalars: dict[str, Any], *columns: tuple[str, str, list[Any]]
+) -> dict[str, Any]:
+    """Parameters of a `_batch_statement`: the scalars plus the batch, column by column."""
+    if dialect == "sqlite":
+        return scalars | {"batch": json.dumps(list(zip(*(values for _, _, values in columns), strict=True)))}
+    return scalars | {name: values for name, _, values in columns}
+
+
+_EXEC_SQL_COLUMNS = ", ".join(f"{E.name}.{c.name}" for c in _EXEC_COLUMNS)
+_RESULT_TIME: dict[str, Any] = {}
+
+
+def _exec_rows(conn: Connection, rows: Sequence[Any]) -> list[ExecRow]:
+    """ExecRows from a driver-level RETURNING of `_EXEC_SQL_COLUMNS` (timestamps converted as
+    the ORM converts them)."""
+    dialect = conn.dialect
+    convert = _RESULT_TIME.get(dialect.name)
+    if convert is None:
+        convert = _RESULT_TIME[dialect.name] = E.c.wake_at.type.dialect_impl(dialect).result_processor(
+            dialect, None
+        ) or (lambda v: v)
+    out = []
+    for r in rows:
+        row = ExecRow(*r)
+        if row.wake_at is not None:
+            row.wake_at = convert(row.wake_at)
+        out.append(row)
+    return out
+
+
+# Both plans loop over the batch and find each execution by primary key (EXPLAIN QUERY PLAN on
+# SQLite: SCAN json_each, SEARCH executions USING INDEX sqlite_autoindex_executions_1 (id=?)),
+# never over the pending rows of a partial index, however many are pending.
+_CLAIM = _batch_statement(
+    f"UPDATE {E.name} SET state = {PROCESSING}, lease_until = {{lease}}, updated_at = {{t}} "
+    "FROM {batch} "
+    f"WHERE {E.name}.id = b.cid AND {E.name}.step_seq = b.cseq AND {E.name}.state = {PENDING} "
+    f"RETURNING {_EXEC_SQL_COLUMNS}",
+    [("cid", "text"), ("cseq", "bigint")],
+    ["lease", "t"],
+)
+
+_FINISH = _batch_statement(
+    f"UPDATE {E.name} SET state = b.fstate, node_id = b.fnode, step_seq = {E.name}.step_seq + 1, "
+    "reason = b.freason, ab_variant = b.fab, wake_at = b.fwake, nudge_at = b.fnudge, "
+    "lease_until = NULL, updated_at = {t} "
+    "FROM {batch} "
+    # A worker whose lease expired (another took the execution over) writes nothing.
+    f"WHERE {E.name}.id = b.fid AND {E.name}.state = {PROCESSING} AND {E.name}.step_seq = b.fseq "
+    f"RETURNING {E.name}.id",
+    [
+        ("fid", "text"),
+        ("fseq", "bigint"),
+        ("fstate", "integer"),
+        ("fnode", "text"),
+        ("freason", "text"),
+        ("fab", "text"),
+        ("fwake", "timestamptz"),
+        ("fnudge", "timestamptz"),
+    ],
+    ["t"],
+)
+
+
 # -- runs ----------------------------------------------------------------------------------------
 
 
@@ -266,15 +375,31 @@ def claim_fanout(session: Session, *, run_id: str, owner: str, lease: timedelta)
         )
         .values(fanout_owner=owner, fanout_lease_until=t + lease)
     )
-    return bool(result.rowcount)
+    return bool(cast(CursorResult[Any], result).rowcount)
+
+
+_COUNTERS = ("pending", "processing", "completed", "failed", "skipped", "sent")
+# Every counter moves by its delta (zero for most): one statement compiled once, for any delta.
+_MOVE_COUNTERS = BulkStatement(
+    update(R)
+    .where(R.c.id == bindparam("run_id"))
+    .values({n: getattr(R.c, n) + bindparam(f"d_{n}") for n in _COUNTERS} | {"updated_at": bindparam("t")}),
+    (*(f"d_{n}" for n in _COUNTERS), "t", "run_id"),
+)
 
 
 def move_counters(session: Session, deltas: dict[str, Counter[str]]) -> None:
     """Apply counter deltas per run: {run_id: Counter({"pending": -3, "completed": 3})}."""
-    for run_id, delta in deltas.items():
-        values = {name: getattr(R.c, name) + amount for name, amount in delta.items() if amount}
-        if values:
-            session.execute(update(R).where(R.c.id == run_id).values(**values, updated_at=now()))
+    unknown = {name for delta in deltas.values() for name in delta} - set(_COUNTERS)
+    if unknown:
+        raise ValueError(f"unknown run counters {sorted(unknown)}")
+    t = db_time(session, now())
+    rows = [
+        (*(delta.get(n, 0) for n in _COUNTERS), t, run_id)
+        for run_id, delta in deltas.items()
+        if any(delta.values())
+    ]
+    _MOVE_COUNTERS.run(session, rows)
 
 
 def counters_of(session: Session, run_ids: Iterable[str]) -> list[Any]:
@@ -303,15 +428,6 @@ def counters_of(session: Session, run_ids: Iterable[str]) -> list[Any]:
 # -- executions ----------------------------------------------------------------------------------
 
 
-def existing_contacts(session: Session, *, run_id: str, contact_ids: Sequence[str]) -> set[str]:
-    rows = (
-        session.connection()
-        .execute(select(E.c.contact_id).where(E.c.run_id == run_id, E.c.contact_id.in_(list(contact_ids))))
-        .all()
-    )
-    return {r[0] for r in rows}
-
-
 # Only what varies per row is a parameter; the rest is the same for the whole page.
 _INSERT_EXECUTION_COLUMNS = (
     "id",
@@ -325,21 +441,28 @@ _INSERT_EXECUTION_COLUMNS = (
     "traceparent",
     "created_at",
 )
-_INSERT_EXECUTIONS = BulkStatement(
-    insert(E).values(
-        {c: bindparam(c) for c in _INSERT_EXECUTION_COLUMNS}
-        | {
-            "state": PENDING,
-            "step_seq": 0,
-            "reason": "",
-            "ab_variant": "",
-            "wake_at": None,
-            "lease_until": None,
-            "updated_at": bindparam("created_at"),
-        }
-    ),
-    _INSERT_EXECUTION_COLUMNS,
-)
+# An execution already there (a fan-out page read again after a crash: same deterministic id)
+# is left as it is; the driver's row count says how many rows are new.
+_INSERT_EXECUTIONS = {
+    dialect: BulkStatement(
+        insert_of(E)
+        .values(
+            {c: bindparam(c) for c in _INSERT_EXECUTION_COLUMNS}
+            | {
+                "state": PENDING,
+                "step_seq": 0,
+                "reason": "",
+                "ab_variant": "",
+                "wake_at": None,
+                "lease_until": None,
+                "updated_at": bindparam("created_at"),
+            }
+        )
+        .on_conflict_do_nothing(),
+        _INSERT_EXECUTION_COLUMNS,
+    )
+    for dialect, insert_of in (("sqlite", sqlite_insert), ("postgresql", postgresql_insert))
+}
 
 
 @dataclass
@@ -357,14 +480,15 @@ def insert_executions(
     rows: Sequence[NewExecution],
     nudge_at: datetime,
     traceparent: str,
-) -> None:
-    """Insert pending executions of one run at its entry node (step_seq 0)."""
+) -> int:
+    """Insert pending executions of one run at its entry node (step_seq 0); how many were new
+    (an execution already inserted, same id, is skipped)."""
     if not rows:
-        return
+        return 0
     t = db_time(session, now())
     nudge = db_time(session, nudge_at)
     ws, cid, rid = run.workspace_id, run.campaign_id, run.id
-    _INSERT_EXECUTIONS.run(
+    return _INSERT_EXECUTIONS[_dialect(session)].run(
         session, [(r.id, ws, cid, rid, r.contact_id, r.entry, node_id, nudge, traceparent, t) for r in rows]
     )
 
@@ -383,20 +507,16 @@ def claim(session: Session, *, candidates: Sequence[tuple[str, int]], lease: tim
     if not candidates:
         return []
     t = now()
-    # On the connection, not the ORM session: a Core statement needs none of its bookkeeping.
-    result = session.connection().execute(
-        update(E)
-        .where(
-            # `id IN` lets the primary key find the rows, and the state is compared inside the
-            # row value so the planner cannot prefer a (state, ...) index: with `state = ?` as
-            # its own term SQLite scanned every pending row of the table for each batch.
-            E.c.id.in_([c[0] for c in candidates]),
-            tuple_(E.c.id, E.c.step_seq, E.c.state).in_([(i, seq, PENDING) for i, seq in candidates]),
-        )
-        .values(state=PROCESSING, lease_until=t + lease, updated_at=t)
-        .returning(*_EXEC_COLUMNS)
+    conn = session.connection()
+    # A duplicate message in the batch names its execution twice; the statement wants it once.
+    pairs = dict(candidates)
+    params = _batch_params(
+        conn.dialect.name,
+        {"lease": db_time(session, t + lease), "t": db_time(session, t)},
+        ("cid", "text", list(pairs)),
+        ("cseq", "bigint", list(pairs.values())),
     )
-    claimed = [_row(r) for r in result.all()]
+    claimed = _exec_rows(conn, conn.exec_driver_sql(_sql(_CLAIM, conn.dialect.name), params).fetchall())
     deltas: dict[str, Counter[str]] = {}
     for c in claimed:
         d = deltas.setdefault(c.run_id, Counter())
@@ -417,98 +537,50 @@ class Outcome:
     wake_at: datetime | None = None
 
 
-_FINISH_COLUMNS = (
-    "state",
-    "node_id",
-    "reason",
-    "ab_variant",
-    "wake_at",
-    "nudge_at",
-    "t",
-    "id",
-    "claimed_seq",
-)
-_FINISH = BulkStatement(
-    update(E)
-    # A worker whose lease expired (another took the execution over) writes nothing.
-    .where(E.c.id == bindparam("id"), E.c.state == PROCESSING, E.c.step_seq == bindparam("claimed_seq"))
-    .values(
-        state=bindparam("state"),
-        node_id=bindparam("node_id"),
-        step_seq=E.c.step_seq + 1,
-        reason=bindparam("reason"),
-        ab_variant=bindparam("ab_variant"),
-        wake_at=bindparam("wake_at"),
-        nudge_at=bindparam("nudge_at"),
-        lease_until=None,
-        updated_at=bindparam("t"),
-    ),
-    _FINISH_COLUMNS,
-)
-
-
 def finish(session: Session, outcomes: Sequence[Outcome], *, renudge: timedelta) -> None:
     """Write each claimed execution's new state; a parked one gets the next step_seq.
 
     A pending execution without a timer gets a safety nudge time: if nothing moves it before
     then (its campaign paused, a message lost), the timer loop nudges it again.
+
+    Only executions this worker still holds are written and counted: one whose lease expired (the
+    timer returned it to pending with a new step_seq, fencing this worker) matches nothing and is
+    left alone, and so are the run counters. One statement compares and writes, so there is no
+    window between a check and the write, on either database.
     """
     if not outcomes:
         return
-    # Only executions this worker still holds are written and counted: one whose lease expired
-    # (the timer returned it to pending with a new step_seq, fencing this worker) is left alone,
-    # and so are the run counters. The rows are locked on PostgreSQL (FOR UPDATE). SQLite has no
-    # row locks and its driver reads outside the write transaction, so there the UPDATE's own
-    # count is checked below.
-    held = {
-        r[0]
-        for r in session.connection().execute(
-            select(E.c.id)
-            .where(
-                E.c.id.in_([o.row.id for o in outcomes]),
-                tuple_(E.c.id, E.c.step_seq, E.c.state).in_(
-                    [(o.row.id, o.row.step_seq, PROCESSING) for o in outcomes]
-                ),
-            )
-            .with_for_update()
-        )
-    }
-    if len(held) < len(outcomes):
-        outcomes = [o for o in outcomes if o.row.id in held]
-        if not outcomes:
-            return
+    conn = session.connection()
     t = now()
-    t_db = db_time(session, t)
     nudge = db_time(session, t + renudge)
     # Wake times repeat within a batch (one WAIT node, one retry backoff): convert each once.
     wakes: dict[datetime, Any] = {}
-    rows = []
+    by_id: dict[str, Outcome] = {}
     for o in outcomes:
-        wake = None
-        if o.wake_at is not None:
-            wake = wakes.get(o.wake_at)
-            if wake is None:
-                wake = wakes[o.wake_at] = db_time(session, o.wake_at)
-        rows.append(
-            (
-                o.state,
-                o.node_id,
-                o.reason[:500],
-                o.row.ab_variant[:500],
-                wake,
-                nudge if o.state == PENDING and o.wake_at is None else None,
-                t_db,
-                o.row.id,
-                o.row.step_seq,
-            )
-        )
-    written = _FINISH.run(session, rows)
-    if written != len(rows) and session.connection().dialect.name == "sqlite":
-        # Another process fenced one of these executions between the check and the write: undo
-        # the whole batch (the caller's transaction rolls back) and let the redelivery sort it out.
-        raise RuntimeError(f"{len(rows) - written} executions changed hands while finishing; retrying")
+        by_id[o.row.id] = o
+        if o.wake_at is not None and o.wake_at not in wakes:
+            wakes[o.wake_at] = db_time(session, o.wake_at)
+    todo = list(by_id.values())
+    params = _batch_params(
+        conn.dialect.name,
+        {"t": db_time(session, t)},
+        ("fid", "text", [o.row.id for o in todo]),
+        ("fseq", "bigint", [o.row.step_seq for o in todo]),
+        ("fstate", "integer", [o.state for o in todo]),
+        ("fnode", "text", [o.node_id for o in todo]),
+        ("freason", "text", [o.reason[:500] for o in todo]),
+        ("fab", "text", [o.row.ab_variant[:500] for o in todo]),
+        ("fwake", "timestamptz", [None if o.wake_at is None else wakes[o.wake_at] for o in todo]),
+        (
+            "fnudge",
+            "timestamptz",
+            [nudge if o.state == PENDING and o.wake_at is None else None for o in todo],
+        ),
+    )
+    written = conn.exec_driver_sql(_sql(_FINISH, conn.dialect.name), params).fetchall()
     deltas: dict[str, Counter[str]] = {}
-    for o in outcomes:
+    for (ex_id,) in written:
+        o = by_id[ex_id]
         d = deltas.get(o.row.run_id)
         if d is None:
             d = deltas[o.row.run_id] = Counter()
@@ -602,10 +674,17 @@ _SEND_COLUMNS = (
     "traceparent",
     "created_at",
 )
-_INSERT_SENDS = BulkStatement(
-    insert(S).values({c: bindparam(c) for c in _SEND_COLUMNS} | {"updated_at": bindparam("created_at")}),
-    _SEND_COLUMNS,
-)
+# A send already recorded (a redelivered batch, a retry after a crash) is left as it is; the
+# driver's row count says how many were new, which is what the run's `sent` counter adds.
+_INSERT_SENDS = {
+    dialect: BulkStatement(
+        insert_of(S)
+        .values({c: bindparam(c) for c in _SEND_COLUMNS} | {"updated_at": bindparam("created_at")})
+        .on_conflict_do_nothing(index_elements=[S.c.key]),
+        _SEND_COLUMNS,
+    )
+    for dialect, insert_of in (("sqlite", sqlite_insert), ("postgresql", postgresql_insert))
+}
 
 
 def known_sends(session: Session, keys: Sequence[str]) -> dict[str, Any]:
@@ -645,15 +724,11 @@ def record_sends(session: Session, sends: Sequence[NewSend]) -> None:
     """Insert sends not yet recorded (a redelivered batch finds its earlier rows) and count them."""
     if not sends:
         return
-    # One indexed lookup of the keys (normally none is found); the unique key backs it up.
-    known = known_sends(session, [r.key for r in sends])
-    fresh = [r for r in sends if r.key not in known]
-    if not fresh:
-        return
+    statement = _INSERT_SENDS[_dialect(session)]
     t = db_time(session, now())
-    _INSERT_SENDS.run(
-        session,
-        [
+    by_run: dict[str, list[tuple[Any, ...]]] = {}
+    for r in sends:
+        by_run.setdefault(r.run_id, []).append(
             (
                 r.key,
                 r.workspace_id,
@@ -671,12 +746,13 @@ def record_sends(session: Session, sends: Sequence[NewSend]) -> None:
                 r.traceparent,
                 t,
             )
-            for r in fresh
-        ],
-    )
+        )
     deltas: dict[str, Counter[str]] = {}
-    for r in fresh:
-        deltas.setdefault(r.run_id, Counter())["sent"] += 1
+    for run_id, rows in by_run.items():
+        # Both drivers report the rows inserted over the whole executemany.
+        fresh = statement.run(session, rows)
+        if fresh:
+            deltas[run_id] = Counter(sent=fresh)
     move_counters(session, deltas)
 
 
