@@ -177,7 +177,7 @@ class Fanout:
         entry_node = flows.compile_flow(cpb.Flow.FromString(run.flow)).entry
         E = repo.E
 
-        def insert(session: Any) -> list[tuple[str, int]]:
+        def insert(session: Any) -> tuple[list[tuple[str, int]], int]:
             latest: dict[str, tuple[int, int]] = {}
             for cid, entry, state in session.execute(
                 select(E.c.contact_id, E.c.entry, E.c.state).where(
@@ -196,7 +196,9 @@ class Fanout:
                 else:
                     entry = 0
                 rows.append(repo.NewExecution(execution_id(run.id, cid, entry), cid, entry))
-            repo.insert_executions(
+            # A concurrent entry of the same contact (same deterministic id) is skipped by the
+            # insert; only the rows it added are counted.
+            inserted = repo.insert_executions(
                 session,
                 run=run,
                 node_id=entry_node,
@@ -204,14 +206,14 @@ class Fanout:
                 nudge_at=repo.now() + self.renudge,
                 traceparent="",
             )
-            if rows:
-                repo.move_counters(session, {run.id: Counter(pending=len(rows))})
-            return [(r.id, 0) for r in rows]
+            if inserted:
+                repo.move_counters(session, {run.id: Counter(pending=inserted)})
+            return [(r.id, 0) for r in rows], inserted
 
-        steps = await self.db.run(insert)
-        self.metrics.record_fanout(len(steps))
+        steps, inserted = await self.db.run(insert)
+        self.metrics.record_fanout(inserted)
         await self._publish(run, steps)
-        return len(steps)
+        return inserted
 
     async def _publish(self, run: Any, steps: list[tuple[str, int]]) -> None:
         subject = self.bus.step_subject(run.campaign_id)
