@@ -61,66 +61,53 @@ BILLING_IDEMPOTENT = ("GetBalance", "ListPrices", "EstimateCost", "GetAutoReload
 @dataclass
 class Backends:
     settings: GatewaySettings
-    campaign_channel: grpc.aio.Channel
     # Health checks go over a plain channel: no trace per probe, no retries hiding an outage.
     campaign_health_channel: grpc.aio.Channel
     campaigns: campaign_pb2_grpc.CampaignServiceStub
-    execution_channel: grpc.aio.Channel
     executions: execution_pb2_grpc.ExecutionServiceStub
-    segment_channel: grpc.aio.Channel
     segments: segment_pb2_grpc.SegmentServiceStub
-    template_channel: grpc.aio.Channel
     templates: template_pb2_grpc.TemplateServiceStub
-    billing_channel: grpc.aio.Channel
     billing: billing_pb2_grpc.BillingServiceStub
+    # Every channel above, closed with the app.
+    channels: list[grpc.aio.Channel] = field(default_factory=list)
     _bus: Bus | None = None
     _bus_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @classmethod
     def open(cls, settings: GatewaySettings) -> Backends:
-        campaign_channel = channel(
-            settings.campaign_addr,
-            deadline=settings.grpc_deadline_seconds,
-            service=CAMPAIGN_SERVICE,
-            idempotent_methods=CAMPAIGN_IDEMPOTENT,
-        )
-        execution_channel = channel(
-            settings.execution_addr,
-            deadline=settings.grpc_deadline_seconds,
-            service=EXECUTION_SERVICE,
-            idempotent_methods=EXECUTION_IDEMPOTENT,
-        )
-        segment_channel = channel(
-            settings.segment_addr,
-            deadline=settings.grpc_deadline_seconds,
-            service=SEGMENT_SERVICE,
-            idempotent_methods=SEGMENT_IDEMPOTENT,
-        )
-        template_channel = channel(
-            settings.template_addr,
-            deadline=settings.grpc_deadline_seconds,
-            service=TEMPLATE_SERVICE,
-            idempotent_methods=TEMPLATE_IDEMPOTENT,
-        )
-        billing_channel = channel(
-            settings.billing_addr,
-            deadline=settings.grpc_deadline_seconds,
-            service=BILLING_SERVICE,
-            idempotent_methods=BILLING_IDEMPOTENT,
-        )
+        channels: list[grpc.aio.Channel] = []
+
+        def to(address: str, service: str, idempotent: tuple[str, ...]) -> grpc.aio.Channel:
+            made = channel(
+                address,
+                deadline=settings.grpc_deadline_seconds,
+                service=service,
+                idempotent_methods=idempotent,
+            )
+            channels.append(made)
+            return made
+
+        health = grpc.aio.insecure_channel(settings.campaign_addr)
+        channels.append(health)
         return cls(
             settings=settings,
-            segment_channel=segment_channel,
-            segments=segment_pb2_grpc.SegmentServiceStub(segment_channel),
-            template_channel=template_channel,
-            templates=template_pb2_grpc.TemplateServiceStub(template_channel),
-            billing_channel=billing_channel,
-            billing=billing_pb2_grpc.BillingServiceStub(billing_channel),
-            campaign_channel=campaign_channel,
-            campaign_health_channel=grpc.aio.insecure_channel(settings.campaign_addr),
-            campaigns=campaign_pb2_grpc.CampaignServiceStub(campaign_channel),
-            execution_channel=execution_channel,
-            executions=execution_pb2_grpc.ExecutionServiceStub(execution_channel),
+            campaign_health_channel=health,
+            campaigns=campaign_pb2_grpc.CampaignServiceStub(
+                to(settings.campaign_addr, CAMPAIGN_SERVICE, CAMPAIGN_IDEMPOTENT)
+            ),
+            executions=execution_pb2_grpc.ExecutionServiceStub(
+                to(settings.execution_addr, EXECUTION_SERVICE, EXECUTION_IDEMPOTENT)
+            ),
+            segments=segment_pb2_grpc.SegmentServiceStub(
+                to(settings.segment_addr, SEGMENT_SERVICE, SEGMENT_IDEMPOTENT)
+            ),
+            templates=template_pb2_grpc.TemplateServiceStub(
+                to(settings.template_addr, TEMPLATE_SERVICE, TEMPLATE_IDEMPOTENT)
+            ),
+            billing=billing_pb2_grpc.BillingServiceStub(
+                to(settings.billing_addr, BILLING_SERVICE, BILLING_IDEMPOTENT)
+            ),
+            channels=channels,
         )
 
     async def bus(self) -> Bus:
@@ -135,12 +122,8 @@ class Backends:
     async def close(self) -> None:
         if self._bus is not None:
             await self._bus.close()
-        await self.campaign_channel.close()
-        await self.campaign_health_channel.close()
-        await self.execution_channel.close()
-        await self.segment_channel.close()
-        await self.template_channel.close()
-        await self.billing_channel.close()
+        for opened in self.channels:
+            await opened.close()
 
 
 def get_backends(request: Request) -> Backends:
