@@ -9,7 +9,10 @@
 It starts the whole mesh with the runner (`python -m shoal.runner --ports auto`) on a fresh data
 folder, imports the audience, and first measures the raw ceiling on the same machine in the same
 run: a bare JetStream fetch -> one batched UPDATE -> publish follow-up -> ack loop over the same
-number (at most 100,000) of messages, with no Shoal code. It waits until the mesh is idle (the
+number (at most 100,000) of messages, with no Shoal code. Its fetch is `shoal.bus.fetch`, the lean
+pull fetch the services use (the same pull requests as nats-py's, minus a task and a timer per
+message): a client-library primitive, not engine logic, so the ceiling stays the true raw limit of
+what the services run on rather than of nats-py's slower fetch. It waits until the mesh is idle (the
 import's contact events consumed), launches the campaign and reports contacts/s, the ratio to
 that ceiling, p50/p99 time from launch to a contact's send, CPU per contact of every component
 (a component's processes together: the execution service's worker processes, the nats-server
@@ -69,6 +72,7 @@ from sqlalchemy import (
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from shoal.bus import fetch  # noqa: E402
 from shoal.db import make_engine  # noqa: E402
 from shoal.v1 import billing_pb2 as bpb  # noqa: E402
 from shoal.v1 import billing_pb2_grpc, campaign_pb2_grpc, segment_pb2_grpc, template_pb2_grpc  # noqa: E402
@@ -87,7 +91,10 @@ READY = re.compile(r"shoal: ready in")
 
 
 async def raw_ceiling(nats_url: str, db_url: str, count: int, batch: int = 500) -> float:
-    """Messages/s of a bare step loop: fetch, one batched UPDATE, publish follow-up, ack."""
+    """Messages/s of a bare step loop: fetch, one batched UPDATE, publish follow-up, ack.
+
+    The fetch is `shoal.bus.fetch` (see the module docstring): the services' own fetch primitive.
+    """
     engine = make_engine(db_url)
     meta = MetaData()
     rows = SqlTable(
@@ -113,7 +120,7 @@ async def raw_ceiling(nats_url: str, db_url: str, count: int, batch: int = 500) 
     t0 = time.perf_counter()
     stmt = update(rows).where(rows.c.id == bindparam("b_id")).values(state=1)
     while done < count:
-        msgs = await sub.fetch(batch, timeout=5)
+        msgs = await fetch(sub, batch, timeout=5)
         ids = [m.data.decode() for m in msgs]
         with engine.begin() as conn:
             conn.execute(stmt, [{"b_id": i} for i in ids])
