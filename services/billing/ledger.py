@@ -57,7 +57,8 @@ KIND_LOW = "balance_low"
 KIND_RELOAD_SUCCEEDED = "auto_reload_succeeded"
 KIND_RELOAD_FAILED = "auto_reload_failed"
 
-_A = Account.__table__.c  # type: ignore[attr-defined]
+_ACCOUNTS = Account.__table__  # type: ignore[attr-defined]
+_A = _ACCOUNTS.c
 _ACCOUNT_COLUMNS = (
     _A.workspace_id,
     _A.free_cents,
@@ -276,8 +277,10 @@ def read_account(session: Session, *, workspace_id: str, defaults: Defaults, now
 
 
 def write_account(session: Session, account: AccountState, now: datetime) -> None:
-    session.execute(
-        update(Account)
+    # On the table, not the mapped class: an ORM bulk UPDATE first tries to synchronise the
+    # session's identity map, which costs more than the statement and has nothing to find here.
+    session.connection().execute(
+        update(_ACCOUNTS)
         .where(_A.workspace_id == account.workspace_id)
         .values(
             free_cents=account.free_cents,
@@ -403,6 +406,35 @@ def hold_batch(
     return outcome
 
 
+# Capture or release in one statement: only HELD rows move, and they come back with their amounts,
+# so the common call (every key held) needs no separate lookup. Under the account lock, so nothing
+# moves a hold between this UPDATE and the lookup of the keys it did not move.
+_SETTLE_SQLITE = (
+    "UPDATE holds SET status = ?, updated_at = ? "
+    "WHERE workspace_id = ? AND status = ? AND key IN (SELECT value FROM json_each(?)) "
+    "RETURNING key, amount_cents"
+)
+_SETTLE_PG = text(
+    "UPDATE holds SET status = :target, updated_at = :now "
+    "WHERE workspace_id = :ws AND status = :held AND key = ANY(CAST(:keys AS text[])) "
+    "RETURNING key, amount_cents"
+)
+
+
+def _settle_held(session: Session, ws: str, keys: list[str], target: int, now: datetime) -> dict[str, int]:
+    """Move the workspace's HELD holds among `keys` to `target`: {key: amount_cents} of those moved."""
+    conn = session.connection()
+    if conn.dialect.name == "postgresql":
+        rows = conn.execute(
+            _SETTLE_PG, {"target": target, "now": now, "ws": ws, "held": HELD, "keys": keys}
+        ).all()
+    else:
+        rows = conn.exec_driver_sql(
+            _SETTLE_SQLITE, (target, sqlite_timestamp(now), ws, HELD, json.dumps(keys))
+        ).all()
+    return {r[0]: r[1] for r in rows}
+
+
 def settle_batch(
     session: Session, *, account: AccountState, keys: Sequence[str], capture: bool, now: datetime
 ) -> tuple[list[HoldAnswer], int]:
@@ -412,35 +444,32 @@ def settle_batch(
     no hold answers UNSPECIFIED (0 cents). Returns the answers and how many events were outboxed.
     """
     ws = account.workspace_id
-    by_key = {r[0]: (r[1], r[2]) for r in _holds_by_key(session, ws, list(keys))}
     target = CAPTURED if capture else RELEASED
+    moved = _settle_held(session, ws, list(keys), target, now)
+    # Keys the UPDATE did not move (already settled, unknown): answered from their rows as they are.
+    rest = [k for k in keys if k not in moved]
+    others = {r[0]: (r[1], r[2]) for r in _holds_by_key(session, ws, rest)} if rest else {}
     answers: list[HoldAnswer] = []
-    moved: list[str] = []
     entries: list[tuple[str, int, int]] = []
+    entered: set[str] = set()
     released = 0
     for key in keys:
-        if key not in by_key:
-            answers.append(HoldAnswer(key, UNKNOWN, 0))
+        amount = moved.get(key)
+        if amount is None:
+            known = others.get(key)
+            answers.append(HoldAnswer(key, known[0], known[1]) if known else HoldAnswer(key, UNKNOWN, 0))
             continue
-        status, amount = by_key[key]
-        if status == HELD:
-            moved.append(key)
+        answers.append(HoldAnswer(key, target, amount))
+        if key not in entered:
+            # The same key twice in one call moved once: one ledger entry, in the call's order.
+            entered.add(key)
             account.reserved_cents -= amount
             if not capture:
                 account.free_cents += amount
                 released += amount
             entries.append((key, 0 if capture else amount, -amount))
-            # The same key twice in one call moves once.
-            by_key[key] = (target, amount)
-            status = target
-        answers.append(HoldAnswer(key, status, amount))
     events = 0
     if moved:
-        session.execute(
-            update(Hold)
-            .where(Hold.workspace_id == ws, _key_in(session, moved))
-            .values(status=target, updated_at=now)
-        )
         kind = pb.LEDGER_ENTRY_KIND_CAPTURE if capture else pb.LEDGER_ENTRY_KIND_RELEASE
         bulk_insert_ledger(session, ws, kind, now, entries)
         events = update_flags(session, account, now, credited=released > 0)
