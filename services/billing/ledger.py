@@ -30,7 +30,15 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session
 
 from services.billing import outbox
-from services.billing.models import Account, AutoReloadAttempt, Hold, LedgerEntry, Price
+from services.billing.models import (
+    KEYED_KINDS,
+    LEDGER_KEYED_KINDS,
+    Account,
+    AutoReloadAttempt,
+    Hold,
+    LedgerEntry,
+    Price,
+)
 from services.billing.pricing import DEFAULT_PRICES, PriceKey, price_of
 from shoal.errors import InvalidArgument
 from shoal.v1 import billing_pb2 as pb
@@ -490,11 +498,16 @@ def top_up(
     """Credit free balance. Returns (credited, events): credited is False when this idempotency
     key was already credited (the call is a replay and changes nothing)."""
     if idempotency_key:
+        if kind not in KEYED_KINDS:
+            # Its key would not be unique in the ledger: a replay could credit twice.
+            raise ValueError(f"ledger kind {kind} does not take an idempotency key")
         seen = session.execute(
             select(LedgerEntry.id).where(
                 LedgerEntry.workspace_id == account.workspace_id,
                 LedgerEntry.kind == kind,
                 LedgerEntry.key == idempotency_key,
+                # Word for word the partial unique index's condition, so the lookup uses it.
+                LEDGER_KEYED_KINDS,
             )
         ).first()
         if seen is not None:
