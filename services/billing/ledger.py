@@ -83,6 +83,19 @@ _ACCOUNT_COLUMNS = (
 )
 
 
+# Every hold and settle call runs these three: built once, with bound parameters, and executed
+# on the connection, not the session (on the table, not the mapped class: an ORM bulk UPDATE
+# first tries to synchronise the session's identity map, which has nothing to find here).
+# Building the statements on each call cost about as much as running them.
+_LOCK_ACCOUNT = select(*_ACCOUNT_COLUMNS).where(_A.workspace_id == bindparam("ws")).with_for_update()
+# The SET clause comes from the parameters' names (every column but the key).
+_WRITE_ACCOUNT = update(_ACCOUNTS).where(_A.workspace_id == bindparam("ws"))
+_P = Price.__table__.c  # type: ignore[attr-defined]
+_LOAD_PRICES = select(_P.channel, _P.message_type, _P.unit, _P.cents).where(
+    _P.workspace_id == bindparam("ws")
+)
+
+
 @dataclass
 class AccountState:
     """The account row of one workspace, as read under its lock."""
@@ -251,8 +264,7 @@ def _insert_ignoring_conflict(session: Session, table: object, rows: list[dict[s
 
 def lock_account(session: Session, *, workspace_id: str, defaults: Defaults, now: datetime) -> AccountState:
     """The workspace's account, created with default prices on first use, locked for this transaction."""
-    query = select(*_ACCOUNT_COLUMNS).where(_A.workspace_id == workspace_id).with_for_update()
-    row = session.execute(query).first()
+    row = session.connection().execute(_LOCK_ACCOUNT, {"ws": workspace_id}).first()
     if row is None:
         _insert_ignoring_conflict(
             session,
@@ -289,7 +301,7 @@ def lock_account(session: Session, *, workspace_id: str, defaults: Defaults, now
                 for (c, m, u), cents in DEFAULT_PRICES.items()
             ],
         )
-        row = session.execute(query).one()
+        row = session.connection().execute(_LOCK_ACCOUNT, {"ws": workspace_id}).one()
     return AccountState(*row)
 
 
@@ -302,32 +314,26 @@ def read_account(session: Session, *, workspace_id: str, defaults: Defaults, now
 
 
 def write_account(session: Session, account: AccountState, now: datetime) -> None:
-    # On the table, not the mapped class: an ORM bulk UPDATE first tries to synchronise the
-    # session's identity map, which costs more than the statement and has nothing to find here.
     session.connection().execute(
-        update(_ACCOUNTS)
-        .where(_A.workspace_id == account.workspace_id)
-        .values(
-            free_cents=account.free_cents,
-            reserved_cents=account.reserved_cents,
-            exhausted=account.exhausted,
-            low=account.low,
-            max_balance_cents=account.max_balance_cents,
-            low_balance_threshold_cents=account.low_balance_threshold_cents,
-            auto_reload_enabled=account.auto_reload_enabled,
-            auto_reload_threshold_cents=account.auto_reload_threshold_cents,
-            auto_reload_amount_cents=account.auto_reload_amount_cents,
-            updated_at=now,
-        )
+        _WRITE_ACCOUNT,
+        {
+            "ws": account.workspace_id,
+            "free_cents": account.free_cents,
+            "reserved_cents": account.reserved_cents,
+            "exhausted": account.exhausted,
+            "low": account.low,
+            "max_balance_cents": account.max_balance_cents,
+            "low_balance_threshold_cents": account.low_balance_threshold_cents,
+            "auto_reload_enabled": account.auto_reload_enabled,
+            "auto_reload_threshold_cents": account.auto_reload_threshold_cents,
+            "auto_reload_amount_cents": account.auto_reload_amount_cents,
+            "updated_at": now,
+        },
     )
 
 
 def load_prices(session: Session, *, workspace_id: str) -> dict[PriceKey, int]:
-    rows = session.execute(
-        select(Price.channel, Price.message_type, Price.unit, Price.cents).where(
-            Price.workspace_id == workspace_id
-        )
-    ).all()
+    rows = session.connection().execute(_LOAD_PRICES, {"ws": workspace_id}).all()
     return {(r[0], r[1], r[2]): r[3] for r in rows}
 
 
