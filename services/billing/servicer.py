@@ -62,8 +62,12 @@ def auto_reload_pb(account: ledger.AccountState) -> pb.AutoReload:
     )
 
 
-def _results(answers: list[ledger.HoldAnswer]) -> list[pb.HoldResult]:
-    return [pb.HoldResult(key=a.key, status=a.status, amount_cents=a.amount_cents) for a in answers]
+def _fill(results: Any, answers: list[ledger.HoldAnswer]) -> None:
+    """Append one HoldResult per answer to a response's repeated field, in place: building each
+    message apart and copying the list in costs twice as much per item."""
+    add = results.add
+    for a in answers:
+        add(key=a.key, status=a.status, amount_cents=a.amount_cents)
 
 
 class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
@@ -303,9 +307,11 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
             self.reloader.start(outcome.reload_attempt_id)
         if self.settings.debug_reply_delay_seconds:
             await asyncio.sleep(self.settings.debug_reply_delay_seconds)
-        return pb.HoldBatchResponse(results=_results(outcome.answers), balance=balance_pb(outcome.account))
+        response = pb.HoldBatchResponse(balance=balance_pb(outcome.account))
+        _fill(response.results, outcome.answers)
+        return response
 
-    async def _settle(self, workspace_id: str, keys: list[str], *, capture: bool) -> list[pb.HoldResult]:
+    async def _settle(self, workspace_id: str, keys: list[str], *, capture: bool) -> list[ledger.HoldAnswer]:
         ws = require_workspace(workspace_id)
 
         def work(session: Any) -> tuple[list[ledger.HoldAnswer], int]:
@@ -316,17 +322,17 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
         answers, events = await self.db.run(work)
         if events:
             self.outbox.kick()
-        return _results(answers)
+        return answers
 
     async def CaptureBatch(self, request: pb.CaptureBatchRequest, context: Any) -> pb.CaptureBatchResponse:
-        return pb.CaptureBatchResponse(
-            results=await self._settle(request.workspace_id, list(request.keys), capture=True)
-        )
+        response = pb.CaptureBatchResponse()
+        _fill(response.results, await self._settle(request.workspace_id, list(request.keys), capture=True))
+        return response
 
     async def ReleaseBatch(self, request: pb.ReleaseBatchRequest, context: Any) -> pb.ReleaseBatchResponse:
-        return pb.ReleaseBatchResponse(
-            results=await self._settle(request.workspace_id, list(request.keys), capture=False)
-        )
+        response = pb.ReleaseBatchResponse()
+        _fill(response.results, await self._settle(request.workspace_id, list(request.keys), capture=False))
+        return response
 
     async def ListLedger(self, request: pb.ListLedgerRequest, context: Any) -> pb.ListLedgerResponse:
         ws = require_workspace(request.workspace_id)

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from services.billing import ledger
 from services.billing.autoreload import AutoReloader
-from services.billing.models import OutboxEvent
+from services.billing.models import LedgerEntry, OutboxEvent
 from services.billing.outbox import Outbox
 from services.billing.payments import PaymentResult, SandboxPayments
 from services.billing.pricing import SendCost, estimate, price_of
@@ -74,6 +75,51 @@ def test_each_item_is_held_whole_or_not_at_all(db: Database) -> None:
         hold(db, [sms("x"), sms("x")])
     with pytest.raises(InvalidArgument):
         hold(db, [ledger.HoldRequest("y", common.CHANNEL_SMS, common.MESSAGE_TYPE_MESSAGE, 99, 1)])
+
+
+def _ledger_rows(db: Database) -> list[tuple[int, str | None]]:
+    with db.session() as s:
+        rows = s.execute(select(LedgerEntry.kind, LedgerEntry.key).order_by(LedgerEntry.id)).all()
+    return [(r[0], r[1]) for r in rows]
+
+
+def test_each_keyed_entry_exists_once(db: Database) -> None:
+    # A keyed top-up replayed credits once; the ledger's own unique index backs the lookup.
+    for _ in range(2):
+        with db.session() as s:
+            account = ledger.lock_account(s, workspace_id=WS, defaults=DEFAULTS, now=T0)
+            ledger.top_up(
+                s,
+                account=account,
+                amount_cents=100,
+                idempotency_key="inv-1",
+                kind=pb.LEDGER_ENTRY_KIND_TOP_UP,
+                now=T0,
+            )
+    with pytest.raises(IntegrityError), db.session() as s:
+        ledger.bulk_insert_ledger(s, WS, pb.LEDGER_ENTRY_KIND_TOP_UP, T0, [("inv-1", 100, 0)])
+    with pytest.raises(ValueError, match="idempotency key"), db.session() as s:
+        account = ledger.lock_account(s, workspace_id=WS, defaults=DEFAULTS, now=T0)
+        ledger.top_up(
+            s, account=account, amount_cents=1, idempotency_key="h", kind=pb.LEDGER_ENTRY_KIND_HOLD, now=T0
+        )
+    # A hold's entries exist once through its row: replayed holds, the same key twice in one
+    # capture, a capture replayed and a late release write nothing more.
+    hold(db, [sms("a"), sms("b")])
+    hold(db, [sms("a"), sms("b")])
+    for keys, capture in ((["a", "a", "zz"], True), (["a"], True), (["b", "a"], False), (["b"], False)):
+        with db.session() as s:
+            account = ledger.lock_account(s, workspace_id=WS, defaults=DEFAULTS, now=T0)
+            ledger.settle_batch(s, account=account, keys=keys, capture=capture, now=T0)
+    assert _ledger_rows(db) == [
+        (pb.LEDGER_ENTRY_KIND_TOP_UP, "inv-1"),
+        (pb.LEDGER_ENTRY_KIND_HOLD, "a"),
+        (pb.LEDGER_ENTRY_KIND_HOLD, "b"),
+        (pb.LEDGER_ENTRY_KIND_CAPTURE, "a"),
+        (pb.LEDGER_ENTRY_KIND_RELEASE, "b"),
+    ]
+    with db.session() as s:
+        assert ledger.rebuild_balance(s, workspace_id=WS) == (100 - 7, 0)
 
 
 def test_exhausted_once_per_episode_and_ended_by_any_credit(db: Database) -> None:
