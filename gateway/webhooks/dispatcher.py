@@ -6,7 +6,10 @@ Two loops, started and stopped by the app's lifespan:
   background, so the REST API starts without it), then reads the durable pull consumer
   `gateway-webhooks` on EVENTS. Each fetched batch becomes pending deliveries in one transaction
   (`store.enqueue`); the consume loop acks the batch only after that commit, and a redelivered
-  message finds its rows already there (unique per endpoint and event id).
+  message finds its rows already there (unique per endpoint and event id). Which workspaces
+  subscribe to which events is cached for `SUBSCRIPTIONS_TTL` seconds (dropped at once when this
+  process changes an endpoint): a batch no enabled endpoint wants is acked without decoding its
+  messages or opening a transaction, which is every batch of a deployment without webhooks.
 - **delivery**: claims due deliveries with a lease (`store.claim`), at most
   `webhook_max_concurrency` in flight, POSTs each with a whole-request timeout, and records the
   attempt and the next state (`store.record`). It polls every `webhook_poll_interval_seconds`
@@ -29,10 +32,12 @@ from google.protobuf import empty_pb2
 from google.protobuf.message import DecodeError
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
+from sqlalchemy import select
+from sqlmodel import Session
 
 from gateway.config import GatewaySettings
 from gateway.webhooks import store
-from gateway.webhooks.catalogue import SUBJECTS, Event, from_bus, signature
+from gateway.webhooks.catalogue import ALL, SUBJECTS, Event, from_bus, signature
 from shoal.bus import STREAM_EVENTS, Bus, Delivery, consume
 from shoal.db import Database
 
@@ -47,6 +52,10 @@ USER_AGENT = "Shoal-Webhooks/1"
 _PRUNE_EVERY = 600.0
 _CONNECT_TIMEOUT = 10.0
 _SNIPPET = 200
+# How long a process trusts its cached subscriptions. An endpoint created or enabled through
+# another process sharing the database gets events from this one at most this much later; one
+# changed through this process is seen at once (`endpoints_changed`).
+SUBSCRIPTIONS_TTL = 2.0
 
 tracer = trace.get_tracer("gateway.webhooks")
 
@@ -79,6 +88,24 @@ async def _reachable(url: str, timeout: float) -> bool:  # noqa: ASYNC109  # a p
     return False
 
 
+Subscriptions = dict[str, frozenset[str]]
+
+
+def load_subscriptions(session: Session) -> Subscriptions:
+    """Workspace -> the event names its enabled endpoints subscribe to (`*` for all)."""
+    out: dict[str, set[str]] = {}
+    for workspace_id, events in session.execute(
+        select(store.EP.c.workspace_id, store.EP.c.events).where(store.EP.c.enabled.is_(True))
+    ).all():
+        out.setdefault(workspace_id, set()).update(events.split())
+    return {ws: frozenset(names) for ws, names in out.items()}
+
+
+def wanted(subscriptions: Subscriptions, event: Event) -> bool:
+    names = subscriptions.get(event.workspace_id)
+    return names is not None and (ALL in names or event.name in names)
+
+
 class Dispatcher:
     """Turns bus events into deliveries and deliveries into POSTs, for one gateway process."""
 
@@ -93,6 +120,10 @@ class Dispatcher:
         self._inflight: set[asyncio.Task[None]] = set()
         self._client: httpx.AsyncClient | None = None
         self._bus: Bus | None = None
+        self.subscriptions_ttl = SUBSCRIPTIONS_TTL
+        self._subscriptions: Subscriptions | None = None
+        self._subscriptions_at = 0.0
+        self._subscriptions_generation = 0
 
     # -- life -------------------------------------------------------------------------------------------
 
@@ -133,6 +164,25 @@ class Dispatcher:
     def wake(self) -> None:
         """Look for due deliveries now (something was just enqueued or replayed)."""
         self._wake.set()
+
+    def endpoints_changed(self) -> None:
+        """Forget the cached subscriptions: this process created, changed or deleted an endpoint."""
+        self._subscriptions = None
+        self._subscriptions_generation += 1
+
+    async def subscriptions(self) -> Subscriptions:
+        """Who wants which events, at most `subscriptions_ttl` seconds old."""
+        cached = self._subscriptions
+        if cached is not None and time.monotonic() - self._subscriptions_at < self.subscriptions_ttl:
+            return cached
+        generation = self._subscriptions_generation
+        loaded_at = time.monotonic()
+        loaded = await self.db.run(load_subscriptions)
+        # An endpoint changed while loading: use what was read for this batch (it is what the
+        # database held), but do not keep it, so the next batch reads the change.
+        if generation == self._subscriptions_generation:
+            self._subscriptions, self._subscriptions_at = loaded, loaded_at
+        return loaded
 
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -194,6 +244,11 @@ class Dispatcher:
         return subject.removeprefix(f"{namespace}.") if namespace else subject
 
     async def _on_events(self, deliveries: list[Delivery[empty_pb2.Empty]]) -> None:
+        subscriptions = await self.subscriptions()
+        if not subscriptions:
+            # No enabled endpoint anywhere: the batch is acked as read. Not even decoded, so a
+            # malformed message is acked too rather than terminated; nobody would have got it.
+            return
         events: dict[str, Event] = {}
         for d in deliveries:
             subject = self._logical(d.subject)
@@ -208,7 +263,9 @@ class Dispatcher:
                 log.error("webhook dispatcher: cannot map %s: %r; message terminated", subject, exc)
                 d.reject(f"cannot map {subject}: {exc!r}")
                 continue
-            if event is not None:
+            # `store.enqueue` decides for good (enabled, subscribed, created before the event); the
+            # cache only spares it the events no workspace's endpoint could want.
+            if event is not None and wanted(subscriptions, event):
                 events.setdefault(event.id, event)
         if not events:
             return
