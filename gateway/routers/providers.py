@@ -64,7 +64,9 @@ _CHANNEL = {"EMAIL": common_pb2.CHANNEL_EMAIL, "RCS": common_pb2.CHANNEL_RCS, "S
 _CACHE_SIZE = 100_000
 # The client reference format (see the module docstring); parts never hold the separator.
 _REFERENCE_PREFIX = "o1"
-_REFERENCE_MAX_LENGTH = 512
+# Ours are at most 512 characters; a longer echo (another carrier's data, the longest any of
+# them keeps) is accepted and ignored rather than failing the whole batch.
+_REFERENCE_MAX_LENGTH = 4000
 
 Token = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$")]
 

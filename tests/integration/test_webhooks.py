@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import uvicorn
 from google.protobuf import struct_pb2, timestamp_pb2
 from google.protobuf.message import Message
@@ -29,7 +30,9 @@ from gateway.app import create_app
 from gateway.config import GatewaySettings
 from gateway.keys import MIGRATIONS, create_key
 from gateway.webhooks import Dispatcher, store
-from shoal.bus import Bus
+from gateway.webhooks import dispatcher as dispatcher_module
+from gateway.webhooks.dispatcher import DURABLE
+from shoal.bus import STREAM_EVENTS, Bus
 from shoal.db import Database
 from shoal.http import QuietServer, bind
 from shoal.v1 import campaign_pb2, common_pb2, events_pb2
@@ -629,3 +632,76 @@ async def test_an_expired_lease_fences_its_late_holder(database_url: str) -> Non
         )
     finally:
         await db.close()
+
+
+async def drained(bus: Bus) -> bool:
+    """Whether the dispatcher's consumer has read and acked everything published so far."""
+    info = await bus.consumer_info(STREAM_EVENTS, DURABLE)
+    return info.num_pending == 0 and info.num_ack_pending == 0
+
+
+async def test_subscriptions_are_cached_and_local_endpoint_changes_are_seen_at_once(
+    nats_url: str, bus: Bus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches nobody subscribes to are acked from a cached answer; an endpoint created through
+    this gateway is served from its next event on, one created through another replica once the
+    cache expires (the staleness bound of design.md)."""
+    loads: list[int] = []
+    real_load = dispatcher_module.load_subscriptions
+
+    def counting_load(session: Any) -> dispatcher_module.Subscriptions:
+        found = real_load(session)
+        loads.append(len(found))
+        return found
+
+    monkeypatch.setattr(dispatcher_module, "load_subscriptions", counting_load)
+    async with receiving() as r, gateway(nats_url, bus.namespace, tmp_path) as g:
+        g.dispatcher.subscriptions_ttl = 3600.0  # in this test only endpoint changes refresh the cache
+        for i in range(3):
+            await publish(
+                bus, "message", "delivered", receipt(events_pb2.RECEIPT_STATUS_DELIVERED, pmid=f"m{i}")
+            )
+            await wait_for(lambda: drained(bus), message="events not consumed")
+        assert loads == [0], "one read of the endpoints, then the cached 'nobody' answers"
+
+        # Created through this gateway: the very next event reaches it.
+        local = await g.endpoint(r.url("/local"), ["message.delivered"])
+        await publish(
+            bus, "message", "delivered", receipt(events_pb2.RECEIPT_STATUS_DELIVERED, pmid="m_local")
+        )
+        await wait_for(lambda: len(r.on("/local")) == 1, message="the local endpoint got nothing")
+        assert r.on("/local")[0].json()["data"]["message_id"] == "m_local"
+        assert loads == [0, 1]
+
+        # Created through another replica (straight into the shared database): not seen while
+        # the cached answer is fresh...
+        remote = await g.dispatcher.db.run(
+            store.create_endpoint,
+            workspace_id=OTHER,
+            url=r.url("/remote"),
+            events=["*"],
+            description="",
+            now=datetime.now(UTC) - timedelta(minutes=1),
+        )
+        other = receipt(events_pb2.RECEIPT_STATUS_DELIVERED, pmid="m_stale", workspace=OTHER)
+        await publish(bus, "message", "delivered", other)
+        await wait_for(lambda: drained(bus), message="events not consumed")
+        assert (
+            await g.dispatcher.db.run(
+                store.list_deliveries,
+                workspace_id=OTHER,
+                endpoint_id=remote.id,
+                state=None,
+                before=None,
+                limit=10,
+            )
+            == []
+        )
+        # ...and served once it expires.
+        g.dispatcher.subscriptions_ttl = 0.0
+        fresh = receipt(events_pb2.RECEIPT_STATUS_DELIVERED, pmid="m_fresh", workspace=OTHER)
+        await publish(bus, "message", "delivered", fresh)
+        await wait_for(lambda: len(r.on("/remote")) == 1, message="the remote endpoint got nothing")
+        assert r.on("/remote")[0].json()["data"]["message_id"] == "m_fresh"
+        assert [h.json()["data"]["message_id"] for h in r.on("/local")] == ["m_local"]
+        assert local["id"] != remote.id
