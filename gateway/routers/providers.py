@@ -158,11 +158,15 @@ class ReceiptIngest:
         found = await asyncio.gather(*(self.origin(backends, ws, ex) for ws, ex in pairs))
         origins = dict(zip(pairs, found, strict=True))
         out = []
+        # A carrier stamps a batch's receipts alike; FromDatetime is a quarter of this loop.
+        stamps: dict[datetime, timestamp_pb2.Timestamp] = {}
         for r, reference in zip(batch.receipts, carried, strict=True):
             execution_id, _, node_id = r.idempotency_key.rpartition(":")
             origin = reference or origins.get((r.workspace_id, execution_id))
-            when = timestamp_pb2.Timestamp()
-            when.FromDatetime(r.time)
+            when = stamps.get(r.time)
+            if when is None:
+                when = stamps[r.time] = timestamp_pb2.Timestamp()
+                when.FromDatetime(r.time)
             out.append(
                 events_pb2.MessageReceipt(
                     workspace_id=r.workspace_id,
@@ -288,9 +292,10 @@ async def provider_events(
     except grpc.aio.AioRpcError as exc:
         log.warning("receipt lookup failed: %s", exc.code().name)
         raise ApiError(503, "unavailable", "a backend service is unavailable; retry later") from None
+    subjects = {status: event_subject("message", status) for status in {r.status for r in batch.receipts}}
     items = [
         Outgoing(
-            subject=event_subject("message", r.status),
+            subject=subjects[r.status],
             message=event,
             msg_id=f"{provider}:{r.provider_message_id}:{r.status}",
         )
