@@ -8,9 +8,13 @@ them; a bad one is 401. The body is the receipt batch the sandbox carrier sends:
 Each receipt becomes one `MessageReceipt` on `shoal.events.message.<status>`, with
 `Nats-Msg-Id` = provider, provider message id and status, so a callback the carrier retries (or
 an attacker replays) is stored once. The idempotency key a provider echoes is our send key
-(`execution_id:node_id`); the execution it names gives the contact, campaign and run, looked up
-once per execution with a bounded number of calls in flight and a small cache (a message yields
-up to three receipts, usually in separate callbacks).
+(`execution_id:node_id`). The contact, campaign and run come from the `client_reference` the
+provider was given at send time and echoes (`o1:<contact_id>:<campaign_id>:<run_id>`, written by
+`services.execution.providers.base.client_reference`): the signature covers it, so it is trusted
+as is and a receipt costs no call. A receipt without one (sent before references existed, or from
+a carrier that echoes nothing) falls back to looking up the execution its send key names, once
+per execution, with a bounded number of calls in flight and a small cache (a message yields up to
+three receipts, usually in separate callbacks).
 
 202 once every receipt is stored on the stream. A backend outage is 503, so the carrier retries.
 
@@ -27,7 +31,7 @@ import hmac
 import logging
 from collections import OrderedDict
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Literal, NamedTuple
 
 import grpc
 import nats.errors
@@ -58,6 +62,11 @@ _STATUS = {
 }
 _CHANNEL = {"EMAIL": common_pb2.CHANNEL_EMAIL, "RCS": common_pb2.CHANNEL_RCS, "SMS": common_pb2.CHANNEL_SMS}
 _CACHE_SIZE = 100_000
+# The client reference format (see the module docstring); parts never hold the separator.
+_REFERENCE_PREFIX = "o1"
+# Ours are at most 512 characters; a longer echo (another carrier's data, the longest any of
+# them keeps) is accepted and ignored rather than failing the whole batch.
+_REFERENCE_MAX_LENGTH = 4000
 
 Token = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$")]
 
@@ -72,6 +81,8 @@ class ReceiptIn(BaseModel):
     status: Literal["delivered", "failed", "opened", "clicked", "bounced"]
     time: datetime
     error: Annotated[str, StringConstraints(max_length=500)] | None = None
+    # Echoed as given at send time; one the gateway cannot read only means a lookup.
+    client_reference: Annotated[str, StringConstraints(max_length=_REFERENCE_MAX_LENGTH)] | None = None
 
 
 class ReceiptBatch(BaseModel):
@@ -84,12 +95,22 @@ class ReceiptsAccepted(BaseModel):
     accepted: int = Field(ge=0, description="Receipts stored on the event stream")
 
 
-class Origin(BaseModel):
-    """What a send key's execution tells about a receipt."""
+class Origin(NamedTuple):
+    """Where a receipt's message came from: its contact, campaign and run."""
 
     contact_id: str
     campaign_id: str
     run_id: str
+
+
+def origin_from_reference(reference: str | None) -> Origin | None:
+    """The origin a client reference carries, or None when there is none or it is not ours."""
+    if not reference:
+        return None
+    parts = reference.split(":")
+    if len(parts) != 4 or parts[0] != _REFERENCE_PREFIX or not all(parts[1:]):
+        return None
+    return Origin(parts[1], parts[2], parts[3])
 
 
 class ReceiptIngest:
@@ -126,17 +147,26 @@ class ReceiptIngest:
     async def events(
         self, backends: Backends, provider: str, batch: ReceiptBatch
     ) -> list[events_pb2.MessageReceipt]:
-        executions = {(r.workspace_id, r.idempotency_key.rpartition(":")[0]) for r in batch.receipts}
-        executions.discard(("", ""))
+        carried = [origin_from_reference(r.client_reference) for r in batch.receipts]
+        # Only receipts without a usable reference cost a lookup (of their execution).
+        executions = {
+            (r.workspace_id, r.idempotency_key.rpartition(":")[0])
+            for r, origin in zip(batch.receipts, carried, strict=True)
+            if origin is None
+        }
         pairs = sorted((ws, ex) for ws, ex in executions if ex)
         found = await asyncio.gather(*(self.origin(backends, ws, ex) for ws, ex in pairs))
         origins = dict(zip(pairs, found, strict=True))
         out = []
-        for r in batch.receipts:
+        # A carrier stamps a batch's receipts alike; FromDatetime is a quarter of this loop.
+        stamps: dict[datetime, timestamp_pb2.Timestamp] = {}
+        for r, reference in zip(batch.receipts, carried, strict=True):
             execution_id, _, node_id = r.idempotency_key.rpartition(":")
-            origin = origins.get((r.workspace_id, execution_id))
-            when = timestamp_pb2.Timestamp()
-            when.FromDatetime(r.time)
+            origin = reference or origins.get((r.workspace_id, execution_id))
+            when = stamps.get(r.time)
+            if when is None:
+                when = stamps[r.time] = timestamp_pb2.Timestamp()
+                when.FromDatetime(r.time)
             out.append(
                 events_pb2.MessageReceipt(
                     workspace_id=r.workspace_id,
@@ -262,9 +292,10 @@ async def provider_events(
     except grpc.aio.AioRpcError as exc:
         log.warning("receipt lookup failed: %s", exc.code().name)
         raise ApiError(503, "unavailable", "a backend service is unavailable; retry later") from None
+    subjects = {status: event_subject("message", status) for status in {r.status for r in batch.receipts}}
     items = [
         Outgoing(
-            subject=event_subject("message", r.status),
+            subject=subjects[r.status],
             message=event,
             msg_id=f"{provider}:{r.provider_message_id}:{r.status}",
         )

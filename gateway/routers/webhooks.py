@@ -428,6 +428,7 @@ async def create_webhook(
         description=body.description,
         now=_now(),
     )
+    dispatcher.endpoints_changed()  # its events are wanted from now on, not after the cache expires
     return to_endpoint_with_secret(row)
 
 
@@ -503,6 +504,7 @@ async def update_webhook(
     )
     if row is None:
         raise ApiError(404, "not_found", f"webhook endpoint {endpoint_id} not found")
+    dispatcher.endpoints_changed()  # its events or its enabled flag may have changed
     if body.enabled:
         dispatcher.wake()  # deliveries that waited for it are due
     return to_endpoint(row)
@@ -524,6 +526,7 @@ async def delete_webhook(endpoint_id: EndpointIdPath, principal: Writer, dispatc
     )
     if not deleted:
         raise ApiError(404, "not_found", f"webhook endpoint {endpoint_id} not found")
+    dispatcher.endpoints_changed()
     return Response(status_code=204)
 
 

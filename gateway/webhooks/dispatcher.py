@@ -6,7 +6,12 @@ Two loops, started and stopped by the app's lifespan:
   background, so the REST API starts without it), then reads the durable pull consumer
   `gateway-webhooks` on EVENTS. Each fetched batch becomes pending deliveries in one transaction
   (`store.enqueue`); the consume loop acks the batch only after that commit, and a redelivered
-  message finds its rows already there (unique per endpoint and event id).
+  message finds its rows already there (unique per endpoint and event id). Which workspaces
+  subscribe to which events is cached for `SUBSCRIPTIONS_TTL` seconds (dropped at once when this
+  process changes an endpoint): events no enabled endpoint wants are acked without a
+  transaction. While no enabled endpoint exists at all, nothing is fetched: the events wait on
+  the stream (7 days) and are read once one appears, which leaves a deployment without webhooks
+  no per-event work here.
 - **delivery**: claims due deliveries with a lease (`store.claim`), at most
   `webhook_max_concurrency` in flight, POSTs each with a whole-request timeout, and records the
   attempt and the next state (`store.record`). It polls every `webhook_poll_interval_seconds`
@@ -29,10 +34,12 @@ from google.protobuf import empty_pb2
 from google.protobuf.message import DecodeError
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
+from sqlalchemy import select
+from sqlmodel import Session
 
 from gateway.config import GatewaySettings
 from gateway.webhooks import store
-from gateway.webhooks.catalogue import SUBJECTS, Event, from_bus, signature
+from gateway.webhooks.catalogue import ALL, SUBJECTS, Event, from_bus, signature
 from shoal.bus import STREAM_EVENTS, Bus, Delivery, consume
 from shoal.db import Database
 
@@ -47,6 +54,10 @@ USER_AGENT = "Shoal-Webhooks/1"
 _PRUNE_EVERY = 600.0
 _CONNECT_TIMEOUT = 10.0
 _SNIPPET = 200
+# How long a process trusts its cached subscriptions. An endpoint created or enabled through
+# another process sharing the database gets events from this one at most this much later; one
+# changed through this process is seen at once (`endpoints_changed`).
+SUBSCRIPTIONS_TTL = 2.0
 
 tracer = trace.get_tracer("gateway.webhooks")
 
@@ -79,6 +90,24 @@ async def _reachable(url: str, timeout: float) -> bool:  # noqa: ASYNC109  # a p
     return False
 
 
+Subscriptions = dict[str, frozenset[str]]
+
+
+def load_subscriptions(session: Session) -> Subscriptions:
+    """Workspace -> the event names its enabled endpoints subscribe to (`*` for all)."""
+    out: dict[str, set[str]] = {}
+    for workspace_id, events in session.execute(
+        select(store.EP.c.workspace_id, store.EP.c.events).where(store.EP.c.enabled.is_(True))
+    ).all():
+        out.setdefault(workspace_id, set()).update(events.split())
+    return {ws: frozenset(names) for ws, names in out.items()}
+
+
+def wanted(subscriptions: Subscriptions, event: Event) -> bool:
+    names = subscriptions.get(event.workspace_id)
+    return names is not None and (ALL in names or event.name in names)
+
+
 class Dispatcher:
     """Turns bus events into deliveries and deliveries into POSTs, for one gateway process."""
 
@@ -93,6 +122,13 @@ class Dispatcher:
         self._inflight: set[asyncio.Task[None]] = set()
         self._client: httpx.AsyncClient | None = None
         self._bus: Bus | None = None
+        self.subscriptions_ttl = SUBSCRIPTIONS_TTL
+        self.paused = False  # True while no enabled endpoint exists and events are left unread
+        self._changed = asyncio.Event()
+        self._consume_stop = asyncio.Event()
+        self._subscriptions: Subscriptions | None = None
+        self._subscriptions_at = 0.0
+        self._subscriptions_generation = 0
 
     # -- life -------------------------------------------------------------------------------------------
 
@@ -111,6 +147,8 @@ class Dispatcher:
 
     async def stop(self) -> None:
         self._stop.set()
+        self._consume_stop.set()
+        self._changed.set()
         self._wake.set()
         grace = self.settings.webhook_request_timeout_seconds + 2
         await self._settle(self._tasks, grace)
@@ -133,6 +171,26 @@ class Dispatcher:
     def wake(self) -> None:
         """Look for due deliveries now (something was just enqueued or replayed)."""
         self._wake.set()
+
+    def endpoints_changed(self) -> None:
+        """Forget the cached subscriptions: this process created, changed or deleted an endpoint."""
+        self._subscriptions = None
+        self._subscriptions_generation += 1
+        self._changed.set()
+
+    async def subscriptions(self) -> Subscriptions:
+        """Who wants which events, at most `subscriptions_ttl` seconds old."""
+        cached = self._subscriptions
+        if cached is not None and time.monotonic() - self._subscriptions_at < self.subscriptions_ttl:
+            return cached
+        generation = self._subscriptions_generation
+        loaded_at = time.monotonic()
+        loaded = await self.db.run(load_subscriptions)
+        # An endpoint changed while loading: use what was read for this batch (it is what the
+        # database held), but do not keep it, so the next batch reads the change.
+        if generation == self._subscriptions_generation:
+            self._subscriptions, self._subscriptions_at = loaded, loaded_at
+        return loaded
 
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -166,7 +224,10 @@ class Dispatcher:
                 self.consuming = True
                 warned = False
                 backoff = 0.5
+                if not await self._await_subscribers():
+                    break
                 log.info("webhook dispatcher: consuming %s as %s", STREAM_EVENTS, DURABLE)
+                self._consume_stop = asyncio.Event()
                 await consume(
                     self._bus,
                     stream=STREAM_EVENTS,
@@ -177,7 +238,7 @@ class Dispatcher:
                     handler=self._on_events,
                     batch=200,
                     fetch_timeout=1.0,
-                    stop=self._stop,
+                    stop=self._consume_stop,
                     max_deliver=MAX_DELIVER,
                 )
             except asyncio.CancelledError:
@@ -193,7 +254,36 @@ class Dispatcher:
         namespace = self.settings.namespace
         return subject.removeprefix(f"{namespace}.") if namespace else subject
 
+    async def _await_subscribers(self) -> bool:
+        """Wait until some enabled endpoint exists; False when the dispatcher stops first.
+
+        Until then nothing is fetched: events stay on the stream, and are read (the oldest
+        first) once an endpoint appears, so pausing loses none that it could be sent.
+        """
+        while not self._stop.is_set():
+            if await self.subscriptions():
+                self.paused = False
+                return True
+            if not self.paused:
+                log.info("webhook dispatcher: no enabled endpoint; not reading events until one exists")
+            self.paused = True
+            self._changed.clear()
+            # Looked at every second at most; `subscriptions` reads the database only when its
+            # answer has expired.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._changed.wait(), timeout=min(max(self.subscriptions_ttl, 0.1), 1.0)
+                )
+        return False
+
     async def _on_events(self, deliveries: list[Delivery[empty_pb2.Empty]]) -> None:
+        subscriptions = await self.subscriptions()
+        if not subscriptions:
+            # The last endpoint went away: this batch is acked unread (not even decoded, so a
+            # malformed message is acked rather than terminated; nobody would have got it), and
+            # reading pauses until an endpoint exists again.
+            self._consume_stop.set()
+            return
         events: dict[str, Event] = {}
         for d in deliveries:
             subject = self._logical(d.subject)
@@ -208,7 +298,9 @@ class Dispatcher:
                 log.error("webhook dispatcher: cannot map %s: %r; message terminated", subject, exc)
                 d.reject(f"cannot map {subject}: {exc!r}")
                 continue
-            if event is not None:
+            # `store.enqueue` decides for good (enabled, subscribed, created before the event); the
+            # cache only spares it the events no workspace's endpoint could want.
+            if event is not None and wanted(subscriptions, event):
                 events.setdefault(event.id, event)
         if not events:
             return

@@ -10,6 +10,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Query
@@ -18,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.sandbox.carrier import (
+    Channel,
     Dice,
     InvalidItem,
     Message,
@@ -27,7 +29,7 @@ from services.sandbox.carrier import (
     validate_item,
 )
 from services.sandbox.config import SandboxSettings
-from services.sandbox.receipts import ReceiptSender, plan
+from services.sandbox.receipts import Receipt, ReceiptSender, plan
 from services.sandbox.store import MessageFilter, MessageLog
 from shoal import metrics as shoal_metrics
 
@@ -121,17 +123,26 @@ class Sandbox:
     async def send(self, items: list[Any]) -> list[dict[str, Any]]:
         results: list[dict[str, Any]] = [{} for _ in items]
         admitted: list[tuple[int, Message]] = []
+        failure_rate = self.switches.failure_rate
         for i, raw in enumerate(items):
             try:
                 message = validate_item(raw)
             except InvalidItem as exc:
                 results[i] = failed(item_key(raw), str(exc), retryable=False)
                 continue
-            if self.failure_dice.roll(self.switches.failure_rate):
+            if self.failure_dice.roll(failure_rate):
                 results[i] = failed(message.idempotency_key, "carrier rejected the message, try again", True)
                 continue
             admitted.append((i, message))
         admissions = await self.log.admit([message for _, message in admitted])
+        new: list[Receipt] = []
+        # The switches are read once per batch: a batch is one call, as it would be at a carrier.
+        rcs_rate, open_rate, click_rate = (
+            self.switches.rcs_capable_rate,
+            self.switches.open_rate,
+            self.switches.click_rate,
+        )
+        now = datetime.now(UTC)
         for (i, message), admission in zip(admitted, admissions, strict=True):
             results[i] = {
                 "idempotency_key": admission.idempotency_key,
@@ -140,16 +151,17 @@ class Sandbox:
                 "retryable": False,
             }
             if self.receipts is not None and not admission.duplicate:
-                self.receipts.enqueue(
-                    plan(
-                        message,
-                        admission.provider_message_id,
-                        rcs_reachable=rcs_capable(message.to, self.switches.rcs_capable_rate),
-                        open_rate=self.switches.open_rate,
-                        click_rate=self.switches.click_rate,
-                        dice=self.engagement_dice,
-                    )
+                new += plan(
+                    message,
+                    admission.provider_message_id,
+                    rcs_reachable=message.channel is not Channel.RCS or rcs_capable(message.to, rcs_rate),
+                    open_rate=open_rate,
+                    click_rate=click_rate,
+                    dice=self.engagement_dice,
+                    now=now,
                 )
+        if self.receipts is not None and new:
+            self.receipts.enqueue(new)
         return results
 
 

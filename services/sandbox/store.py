@@ -12,18 +12,25 @@ import asyncio
 import json
 import secrets
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from services.sandbox.carrier import Message
 
 T = TypeVar("T")
 
 SCHEMA_VERSION = 1
+# 64 MiB of page cache: the idempotency-key index takes inserts at random places, and with
+# SQLite's 2 MiB default a long run keeps re-reading its pages.
+_CACHE_KIB = 65536
+# Checkpoint every 16k pages (64 MiB of WAL) instead of 1k: pages written again and again in
+# between (index pages above all) are copied to the database once. Durability is the WAL's either way.
+_CHECKPOINT_PAGES = 16384
 # Below SQLite's bound-variable limit, with room to spare.
 _IN_CHUNK = 500
 _SCHEMA = """
@@ -58,12 +65,23 @@ class SchemaMismatch(RuntimeError):
     """The database file was written by a different version of the sandbox."""
 
 
-def new_provider_message_id() -> str:
-    return "msg_" + secrets.token_hex(12)
+def new_provider_message_ids(count: int) -> list[str]:
+    """`count` fresh ids: `msg_`, the time in milliseconds (12 hex digits), 48 random bits.
+
+    Time first, so each batch's ids land at the end of their unique index instead of at random
+    pages all over it (a third of the insert cost with random ids); the random part keeps ids
+    unique within a millisecond and across processes. One read of the random source per batch.
+    """
+    prefix = f"msg_{time.time_ns() // 1_000_000:012x}"
+    noise = secrets.token_hex(6 * count)
+    return [prefix + noise[i : i + 12] for i in range(0, 12 * count, 12)]
 
 
-@dataclass(frozen=True, slots=True)
-class Admission:
+# Compact JSON without building an encoder per call (json.dumps does, given any option).
+_dumps = json.JSONEncoder(separators=(",", ":")).encode
+
+
+class Admission(NamedTuple):
     """The outcome of offering one message to the log."""
 
     idempotency_key: str
@@ -168,6 +186,8 @@ class MessageLog:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA busy_timeout=5000")
+        conn.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
+        conn.execute(f"PRAGMA wal_autocheckpoint={_CHECKPOINT_PAGES}")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version not in (0, SCHEMA_VERSION):
             conn.close()
@@ -186,21 +206,21 @@ class MessageLog:
     def _admit(self, messages: list[Message]) -> list[Admission]:
         conn = self._connection()
         accepted_at = datetime.now(UTC).isoformat()
-        offered = [new_provider_message_id() for _ in messages]
+        offered = new_provider_message_ids(len(messages))
         rows = [
             (
                 m.idempotency_key,
-                offered[i],
+                offered_id,
                 m.workspace_id,
                 m.channel.value,
                 m.to,
                 m.subject,
                 m.text,
                 m.html,
-                json.dumps(m.payload, separators=(",", ":")),
+                _dumps(m.payload),
                 accepted_at,
             )
-            for i, m in enumerate(messages)
+            for m, offered_id in zip(messages, offered, strict=True)
         ]
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -217,10 +237,13 @@ class MessageLog:
             conn.execute("ROLLBACK")
             raise
         if stored is None:
-            return [Admission(m.idempotency_key, offered[i], False) for i, m in enumerate(messages)]
+            return [
+                Admission(m.idempotency_key, offered_id, False)
+                for m, offered_id in zip(messages, offered, strict=True)
+            ]
         return [
-            Admission(m.idempotency_key, stored[m.idempotency_key], stored[m.idempotency_key] != offered[i])
-            for i, m in enumerate(messages)
+            Admission(m.idempotency_key, stored[m.idempotency_key], stored[m.idempotency_key] != offered_id)
+            for m, offered_id in zip(messages, offered, strict=True)
         ]
 
     def _ids_for(self, keys: list[str]) -> dict[str, str]:

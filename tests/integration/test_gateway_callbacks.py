@@ -23,6 +23,7 @@ from gateway.app import create_app
 from gateway.backends import EXECUTION_SERVICE
 from gateway.config import GatewaySettings
 from gateway.routers import providers as providers_router
+from services.execution.providers.base import Channel, OutboundMessage, client_reference
 from services.sandbox.receipts import Receipt, sign
 from shoal.bus import STREAM_EVENTS, Bus
 from shoal.errors import NotFound, Unavailable
@@ -198,6 +199,67 @@ async def test_a_receipt_for_an_unknown_execution_is_published_without_a_contact
     assert reply.status_code == 202, reply.text
     await wait_for(lambda: len(h.received) == 2)
     assert {e.contact_id for _, e, _ in h.received} == {""}
+
+
+def reference_for(contact: str, campaign: str = "cmp_1", run: str = "run_1") -> str:
+    """The reference a provider gives the carrier for a message the engine sent."""
+    message = OutboundMessage(
+        key="ex_x:s1",
+        workspace_id=WS,
+        channel=Channel.EMAIL,
+        to="a@b.co",
+        payload={"campaign_id": campaign, "run_id": run, "node_id": "s1", "contact_id": contact},
+    )
+    reference = client_reference(message)
+    assert reference is not None
+    return reference
+
+
+async def test_a_receipt_echoing_its_client_reference_costs_no_lookup(h: Harness) -> None:
+    referenced = [
+        dataclasses.replace(receipt("ex_1"), client_reference=reference_for("c_1")),
+        dataclasses.replace(
+            receipt("ex_2", "opened"), client_reference=reference_for("c_2", "cmp_7", "run_7")
+        ),
+    ]
+    body = body_of(*referenced)
+    reply = await h.client.post(PATH, content=body, headers=signed(body))
+    assert reply.status_code == 202, reply.text
+    await wait_for(lambda: len(h.received) == 2)
+    assert h.executions.calls == [], "the signed reference is trusted, nothing is looked up"
+    events = {e.send_key: e for _, e, _ in h.received}
+    assert (events["ex_2:s1"].contact_id, events["ex_2:s1"].campaign_id, events["ex_2:s1"].run_id) == (
+        "c_2",
+        "cmp_7",
+        "run_7",
+    )
+
+    # The same receipt without a reference (an older message) is looked up, and its event is the
+    # same one, field for field.
+    plain = receipt("ex_1", pmid="sbx_ex_1_plain")
+    body = body_of(plain)
+    reply = await h.client.post(PATH, content=body, headers=signed(body))
+    assert reply.status_code == 202, reply.text
+    await wait_for(lambda: len(h.received) == 3)
+    assert h.executions.calls == ["ex_1"]
+    looked_up = next(e for _, e, _ in h.received if e.provider_message_id == "sbx_ex_1_plain")
+    looked_up.provider_message_id = events["ex_1:s1"].provider_message_id
+    assert looked_up == events["ex_1:s1"]
+
+
+@pytest.mark.parametrize(
+    "reference", ["o2:c_1:cmp_1:run_1", "o1:c_1:cmp_1", "o1::cmp_1:run_1", "o1:c_1:cmp_1:run_1:x", "junk"]
+)
+async def test_a_reference_the_gateway_cannot_read_falls_back_to_the_lookup(
+    h: Harness, reference: str
+) -> None:
+    body = body_of(dataclasses.replace(receipt("ex_4"), client_reference=reference))
+    reply = await h.client.post(PATH, content=body, headers=signed(body))
+    assert reply.status_code == 202, reply.text
+    await wait_for(lambda: len(h.received) == 1)
+    assert h.executions.calls == ["ex_4"]
+    event = h.received[0][1]
+    assert (event.contact_id, event.campaign_id, event.run_id) == ("c_4", "cmp_1", "run_1")
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
 import pytest
 
 from services.execution.providers import (
@@ -29,6 +30,7 @@ from services.execution.providers import (
     default_provider_for,
     verify_signature,
 )
+from services.execution.providers.base import client_reference
 from shoal.config import SharedSettings
 from tests.helpers import wait_for
 from tests.processes import SandboxProcess
@@ -345,6 +347,64 @@ async def test_receipts_arrive_signed_for_every_accepted_message(
         assert verify_signature(body, signature, SECRET)
         assert not verify_signature(body + b" ", signature, SECRET)
         assert not verify_signature(body, signature, b"another secret")
+
+
+async def test_receipts_echo_the_client_reference_given_at_send_time(
+    sandbox: SandboxProcess, provider: SandboxProvider, receiver: ReceiptReceiver
+) -> None:
+    ws = workspace()
+    sandbox.control(open_rate=1.0, click_rate=0.0)
+    origin = {"campaign_id": "cmp_1", "run_id": "run_1", "node_id": "s1", "contact_id": "c_1", "headers": {}}
+    engine_made = OutboundMessage(
+        key=f"{ws}:ref",
+        workspace_id=ws,
+        channel=Channel.EMAIL,
+        to="a@b.co",
+        subject="s",
+        text="t",
+        payload=origin,
+    )
+    no_origin = emails(ws, 1)[0]
+    reference = client_reference(engine_made)
+    assert reference == "o1:c_1:cmp_1:run_1"
+    results = await provider.send_batch([engine_made, no_origin])
+    assert [r.status for r in results] == ["accepted", "accepted"]
+
+    def ours() -> list[dict[str, Any]] | None:
+        mine = [r for r in receiver.receipts() if r["workspace_id"] == ws]
+        return mine if len(mine) >= 4 else None
+
+    mine: list[dict[str, Any]] = await wait_for(ours, timeout=10, message=f"4 receipts for {ws}")
+    by_key: dict[str, list[dict[str, Any]]] = {}
+    for r in mine:
+        by_key.setdefault(r["idempotency_key"], []).append(r)
+    assert [(r["status"], r["client_reference"]) for r in by_key[engine_made.key]] == [
+        ("delivered", reference),
+        ("opened", reference),
+    ]
+    assert all("client_reference" not in r for r in by_key[no_origin.key])
+
+
+async def test_a_client_reference_that_is_not_a_short_string_fails_the_item(sandbox: SandboxProcess) -> None:
+    ws = workspace()
+    item = {
+        "idempotency_key": f"{ws}:x",
+        "workspace_id": ws,
+        "channel": "SMS",
+        "to": "+4915112345678",
+        "text": "Hi",
+    }
+    batch = [
+        {**item, "client_reference": "r" * 513},
+        {**item, "idempotency_key": f"{ws}:y", "client_reference": 7},
+    ]
+    async with httpx.AsyncClient(base_url=sandbox.url, timeout=5) as client:
+        response = await client.post("/v1/messages:batch", json={"messages": batch})
+    assert response.status_code == 200, response.text
+    for result in response.json()["results"]:
+        assert (result["status"], result["retryable"]) == ("failed", False)
+        assert result["error"].startswith("client_reference:"), result["error"]
+    assert sandbox.get("/v1/messages/count", workspace_id=ws) == {"count": 0}
 
 
 async def test_registry_builds_the_sandbox_for_every_channel(sandbox: SandboxProcess) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import uvicorn
 from google.protobuf import struct_pb2, timestamp_pb2
 from google.protobuf.message import Message
@@ -29,7 +30,9 @@ from gateway.app import create_app
 from gateway.config import GatewaySettings
 from gateway.keys import MIGRATIONS, create_key
 from gateway.webhooks import Dispatcher, store
-from shoal.bus import Bus
+from gateway.webhooks import dispatcher as dispatcher_module
+from gateway.webhooks.dispatcher import DURABLE
+from shoal.bus import STREAM_EVENTS, Bus
 from shoal.db import Database
 from shoal.http import QuietServer, bind
 from shoal.v1 import campaign_pb2, common_pb2, events_pb2
@@ -629,3 +632,115 @@ async def test_an_expired_lease_fences_its_late_holder(database_url: str) -> Non
         )
     finally:
         await db.close()
+
+
+async def drained(bus: Bus) -> bool:
+    """Whether the dispatcher's consumer has read and acked everything published so far."""
+    info = await bus.consumer_info(STREAM_EVENTS, DURABLE)
+    return info.num_pending == 0 and info.num_ack_pending == 0
+
+
+async def unread(bus: Bus, count: int) -> bool:
+    """Whether `count` events are pending and the consumer was never handed any (its pending
+    count follows a publish asynchronously; what it delivered does not)."""
+    info = await bus.consumer_info(STREAM_EVENTS, DURABLE)
+    assert info.delivered.stream_seq == 0, "the consumer was handed events"
+    return info.num_pending == count
+
+
+async def test_without_endpoints_nothing_is_read_and_subscriptions_are_cached(
+    nats_url: str, bus: Bus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No enabled endpoint: events are left on the stream. An endpoint created through this
+    gateway is seen at once (the events from before it are read and skipped, later ones
+    delivered); one created through another replica while the cache holds other workspaces is
+    seen when the cache expires (the staleness bound of design.md)."""
+    loads: list[int] = []
+    real_load = dispatcher_module.load_subscriptions
+
+    def counting_load(session: Any) -> dispatcher_module.Subscriptions:
+        found = real_load(session)
+        loads.append(len(found))
+        return found
+
+    monkeypatch.setattr(dispatcher_module, "load_subscriptions", counting_load)
+    async with receiving() as r, gateway(nats_url, bus.namespace, tmp_path) as g:
+        g.dispatcher.subscriptions_ttl = 3600.0  # in this test only endpoint changes refresh the cache
+        await wait_for(lambda: g.dispatcher.paused, message="the dispatcher did not pause")
+        for i in range(3):
+            await publish(
+                bus, "message", "delivered", receipt(events_pb2.RECEIPT_STATUS_DELIVERED, pmid=f"m{i}")
+            )
+        await wait_for(lambda: unread(bus, 3), message="the events are not pending")
+        assert g.dispatcher.paused
+
+        # Created through this gateway: reading resumes at once. The three events are older than
+        # the endpoint, so they are read and skipped; the next one is delivered.
+        await g.endpoint(r.url("/local"), ["message.delivered"])
+        await wait_for(lambda: drained(bus), message="the backlog was not read")
+        assert not g.dispatcher.paused
+        await publish(
+            bus, "message", "delivered", receipt(events_pb2.RECEIPT_STATUS_DELIVERED, pmid="m_local")
+        )
+        await wait_for(lambda: len(r.on("/local")) == 1, message="the local endpoint got nothing")
+        assert r.on("/local")[0].json()["data"]["message_id"] == "m_local"
+        assert loads[0] == 0 and set(loads[1:]) == {1}, loads
+
+        # Created through another replica (straight into the shared database): while the cached
+        # answer is fresh, its workspace's events are read and skipped...
+        remote = await g.dispatcher.db.run(
+            store.create_endpoint,
+            workspace_id=OTHER,
+            url=r.url("/remote"),
+            events=["*"],
+            description="",
+            now=datetime.now(UTC) - timedelta(minutes=1),
+        )
+        other = receipt(events_pb2.RECEIPT_STATUS_DELIVERED, pmid="m_stale", workspace=OTHER)
+        await publish(bus, "message", "delivered", other)
+        await wait_for(lambda: drained(bus), message="events not consumed")
+        assert (
+            await g.dispatcher.db.run(
+                store.list_deliveries,
+                workspace_id=OTHER,
+                endpoint_id=remote.id,
+                state=None,
+                before=None,
+                limit=10,
+            )
+            == []
+        )
+        # ...and delivered once it expires.
+        g.dispatcher.subscriptions_ttl = 0.0
+        fresh = receipt(events_pb2.RECEIPT_STATUS_DELIVERED, pmid="m_fresh", workspace=OTHER)
+        await publish(bus, "message", "delivered", fresh)
+        await wait_for(lambda: len(r.on("/remote")) == 1, message="the remote endpoint got nothing")
+        assert r.on("/remote")[0].json()["data"]["message_id"] == "m_fresh"
+        assert [h.json()["data"]["message_id"] for h in r.on("/local")] == ["m_local"]
+
+
+async def test_events_left_unread_while_paused_reach_an_endpoint_created_elsewhere(
+    nats_url: str, bus: Bus, tmp_path: Path
+) -> None:
+    """Pausing loses nothing: an endpoint created through another replica while this one reads
+    nothing gets the events published after its creation once the cache expires."""
+    async with receiving() as r, gateway(nats_url, bus.namespace, tmp_path) as g:
+        g.dispatcher.subscriptions_ttl = 3600.0
+        await wait_for(lambda: g.dispatcher.paused, message="the dispatcher did not pause")
+        await g.dispatcher.db.run(
+            store.create_endpoint,
+            workspace_id=WS,
+            url=r.url("/elsewhere"),
+            events=["message.delivered"],
+            description="",
+            now=datetime.now(UTC) - timedelta(seconds=1),
+        )
+        await publish(
+            bus, "message", "delivered", receipt(events_pb2.RECEIPT_STATUS_DELIVERED, pmid="m_paused")
+        )
+        await wait_for(lambda: unread(bus, 1), message="the event is not pending")
+        assert g.dispatcher.paused
+        g.dispatcher.subscriptions_ttl = 0.2  # the cached 'nobody' expires
+        await wait_for(lambda: len(r.on("/elsewhere")) == 1, message="the event left unread never arrived")
+        assert r.on("/elsewhere")[0].json()["data"]["message_id"] == "m_paused"
+        assert not g.dispatcher.paused

@@ -45,6 +45,33 @@ class OutboundMessage:
     payload: dict[str, Any] = field(default_factory=dict)
 
 
+# The client reference a provider hands the carrier with each message, for the carrier to echo in
+# its receipts (what Infobip calls callbackData, Sinch client_reference, Vonage client-ref):
+# `o1:<contact_id>:<campaign_id>:<run_id>`. The gateway's callback route rebuilds a receipt's
+# origin from it instead of looking the execution up (`gateway.routers.providers`, which parses
+# this same format); the callback's signature is what makes the echoed value trustworthy.
+REFERENCE_PREFIX = "o1"
+REFERENCE_MAX_LENGTH = 512
+_ORIGIN_FIELDS = ("contact_id", "campaign_id", "run_id")
+
+
+def client_reference(message: OutboundMessage) -> str | None:
+    """The reference for `message`, from the origin the engine puts in its payload.
+
+    None when the payload lacks a part, a part holds the separator, or the whole would be longer
+    than carriers keep: the receipt then carries no reference and the gateway looks the
+    execution up, as it does for a carrier that echoes nothing.
+    """
+    parts = [REFERENCE_PREFIX]
+    for name in _ORIGIN_FIELDS:
+        value = message.payload.get(name)
+        if not isinstance(value, str) or not value or ":" in value:
+            return None
+        parts.append(value)
+    reference = ":".join(parts)
+    return reference if len(reference) <= REFERENCE_MAX_LENGTH else None
+
+
 @dataclass(frozen=True, slots=True)
 class SendResult:
     """The provider's answer for one message.

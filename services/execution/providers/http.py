@@ -7,13 +7,16 @@ Send, `POST {base}/messages`::
 
     Idempotency-Key: batch-<sha256 hex of the batch's keys, newline-joined>
     {"messages": [{"idempotency_key": "<execution_id:node_id>", "workspace_id": "...",
-                   "channel": "SMS" | "RCS", "to": "+4915...", "text": "...", "payload": {...}}]}
+                   "channel": "SMS" | "RCS", "to": "+4915...", "text": "...", "payload": {...},
+                   "client_reference": "o1:<contact_id>:<campaign_id>:<run_id>"}]}
 
   The per-message `idempotency_key` is authoritative: the carrier must answer a key it already
   accepted with `duplicate` and the original message id, across its own restarts; that is what
   makes a retry after our crash safe. The request's `Idempotency-Key` only lets a carrier (or a
   proxy) replay its stored answer to the very same batch; it must not reject a different batch
-  that shares some keys.
+  that shares some keys. `client_reference` (at most 512 characters, absent when the message has
+  no origin to give) is opaque to the carrier: it keeps it with the message and echoes it in every
+  receipt, like Infobip's callbackData or Sinch's client_reference.
 
   Answer 200 (or 207), one result per distinct key, in any order::
 
@@ -42,10 +45,13 @@ body>` under the secret SHOAL_GATEWAY_PROVIDER_SECRET_HTTP, and the body::
     {"receipts": [{"provider_message_id": "<message_id>", "idempotency_key": "<the send key>",
                    "workspace_id": "...", "channel": "SMS" | "RCS",
                    "status": "delivered" | "failed" | "opened" | "clicked" | "bounced",
-                   "time": "<RFC 3339 with offset>", "error": "..."}]}
+                   "time": "<RFC 3339 with offset>", "error": "...",
+                   "client_reference": "<as given at send time>"}]}
 
   The gateway answers 202 once stored, 401 on a bad signature, 503 when the carrier should retry.
-  A replayed receipt is stored once (keyed on provider, message id and status).
+  A replayed receipt is stored once (keyed on provider, message id and status). A receipt with
+  the echoed `client_reference` is published straight away; one without it costs the gateway a
+  lookup of the execution (once per execution, cached).
 """
 
 from __future__ import annotations
@@ -64,6 +70,7 @@ from services.execution.providers.base import (
     ProviderRequestError,
     ProviderUnavailable,
     SendResult,
+    client_reference,
 )
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -78,7 +85,7 @@ def batch_key(messages: Sequence[OutboundMessage]) -> str:
 
 
 def _wire(message: OutboundMessage) -> dict[str, Any]:
-    return {
+    item = {
         "idempotency_key": message.key,
         "workspace_id": message.workspace_id,
         "channel": str(message.channel),
@@ -86,6 +93,10 @@ def _wire(message: OutboundMessage) -> dict[str, Any]:
         "text": message.text,
         "payload": message.payload,
     }
+    reference = client_reference(message)
+    if reference is not None:
+        item["client_reference"] = reference
+    return item
 
 
 def _retryable(item: dict[str, Any]) -> bool:

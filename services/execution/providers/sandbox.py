@@ -16,6 +16,7 @@ from services.execution.providers.base import (
     ProviderRequestError,
     ProviderUnavailable,
     SendResult,
+    client_reference,
 )
 from shoal import telemetry
 
@@ -33,7 +34,7 @@ def verify_signature(body: bytes, header: str | None, secret: bytes) -> bool:
 
 
 def _wire(message: OutboundMessage) -> dict[str, Any]:
-    return {
+    item = {
         "idempotency_key": message.key,
         "workspace_id": message.workspace_id,
         "channel": str(message.channel),
@@ -43,6 +44,11 @@ def _wire(message: OutboundMessage) -> dict[str, Any]:
         "html": message.html,
         "payload": message.payload,
     }
+    # Echoed in the receipts, so the gateway needs no execution lookup per receipt.
+    reference = client_reference(message)
+    if reference is not None:
+        item["client_reference"] = reference
+    return item
 
 
 class SandboxProvider(Provider):
