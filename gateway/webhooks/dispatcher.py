@@ -8,10 +8,8 @@ Two loops, started and stopped by the app's lifespan:
   (`store.enqueue`); the consume loop acks the batch only after that commit, and a redelivered
   message finds its rows already there (unique per endpoint and event id). Which workspaces
   subscribe to which events is cached for `SUBSCRIPTIONS_TTL` seconds (dropped at once when this
-  process changes an endpoint): events no enabled endpoint wants are acked without a
-  transaction. While no enabled endpoint exists at all, nothing is fetched: the events wait on
-  the stream (7 days) and are read once one appears, which leaves a deployment without webhooks
-  no per-event work here.
+  process changes an endpoint): a batch no enabled endpoint wants is acked without decoding its
+  messages or opening a transaction, which is every batch of a deployment without webhooks.
 - **delivery**: claims due deliveries with a lease (`store.claim`), at most
   `webhook_max_concurrency` in flight, POSTs each with a whole-request timeout, and records the
   attempt and the next state (`store.record`). It polls every `webhook_poll_interval_seconds`
@@ -123,9 +121,6 @@ class Dispatcher:
         self._client: httpx.AsyncClient | None = None
         self._bus: Bus | None = None
         self.subscriptions_ttl = SUBSCRIPTIONS_TTL
-        self.paused = False  # True while no enabled endpoint exists and events are left unread
-        self._changed = asyncio.Event()
-        self._consume_stop = asyncio.Event()
         self._subscriptions: Subscriptions | None = None
         self._subscriptions_at = 0.0
         self._subscriptions_generation = 0
@@ -147,8 +142,6 @@ class Dispatcher:
 
     async def stop(self) -> None:
         self._stop.set()
-        self._consume_stop.set()
-        self._changed.set()
         self._wake.set()
         grace = self.settings.webhook_request_timeout_seconds + 2
         await self._settle(self._tasks, grace)
@@ -176,7 +169,6 @@ class Dispatcher:
         """Forget the cached subscriptions: this process created, changed or deleted an endpoint."""
         self._subscriptions = None
         self._subscriptions_generation += 1
-        self._changed.set()
 
     async def subscriptions(self) -> Subscriptions:
         """Who wants which events, at most `subscriptions_ttl` seconds old."""
@@ -224,10 +216,7 @@ class Dispatcher:
                 self.consuming = True
                 warned = False
                 backoff = 0.5
-                if not await self._await_subscribers():
-                    break
                 log.info("webhook dispatcher: consuming %s as %s", STREAM_EVENTS, DURABLE)
-                self._consume_stop = asyncio.Event()
                 await consume(
                     self._bus,
                     stream=STREAM_EVENTS,
@@ -238,7 +227,7 @@ class Dispatcher:
                     handler=self._on_events,
                     batch=200,
                     fetch_timeout=1.0,
-                    stop=self._consume_stop,
+                    stop=self._stop,
                     max_deliver=MAX_DELIVER,
                 )
             except asyncio.CancelledError:
@@ -254,35 +243,11 @@ class Dispatcher:
         namespace = self.settings.namespace
         return subject.removeprefix(f"{namespace}.") if namespace else subject
 
-    async def _await_subscribers(self) -> bool:
-        """Wait until some enabled endpoint exists; False when the dispatcher stops first.
-
-        Until then nothing is fetched: events stay on the stream, and are read (the oldest
-        first) once an endpoint appears, so pausing loses none that it could be sent.
-        """
-        while not self._stop.is_set():
-            if await self.subscriptions():
-                self.paused = False
-                return True
-            if not self.paused:
-                log.info("webhook dispatcher: no enabled endpoint; not reading events until one exists")
-            self.paused = True
-            self._changed.clear()
-            # Looked at every second at most; `subscriptions` reads the database only when its
-            # answer has expired.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self._changed.wait(), timeout=min(max(self.subscriptions_ttl, 0.1), 1.0)
-                )
-        return False
-
     async def _on_events(self, deliveries: list[Delivery[empty_pb2.Empty]]) -> None:
         subscriptions = await self.subscriptions()
         if not subscriptions:
-            # The last endpoint went away: this batch is acked unread (not even decoded, so a
-            # malformed message is acked rather than terminated; nobody would have got it), and
-            # reading pauses until an endpoint exists again.
-            self._consume_stop.set()
+            # No enabled endpoint anywhere: the batch is acked as read. Not even decoded, so a
+            # malformed message is acked too rather than terminated; nobody would have got it.
             return
         events: dict[str, Event] = {}
         for d in deliveries:
