@@ -404,7 +404,7 @@ class SegmentServicer(segment_pb2_grpc.SegmentServiceServicer):  # type: ignore[
         if len(request.contact_ids) > MAX_BATCH:
             raise InvalidArgument.of("contact_ids", f"at most {MAX_BATCH} per call")
         contact_ids = list(request.contact_ids)
-        views = await self.db.run(
+        response: pb.CheckEligibilityResponse = await self.db.run(
             lambda s: repo.check_eligibility(
                 s,
                 workspace_id=ws,
@@ -413,20 +413,7 @@ class SegmentServicer(segment_pb2_grpc.SegmentServiceServicer):  # type: ignore[
                 message_type=request.message_type,
             )
         )
-        results = []
-        for v in views:
-            item = pb.Eligibility(
-                contact_id=v.contact_id,
-                eligible=v.eligible,
-                reason=v.reason,  # type: ignore[arg-type]
-                address=v.address,
-                first_name=v.first_name,
-                last_name=v.last_name,
-            )
-            for name, value in v.fields.items():
-                item.fields[name].CopyFrom(c.field_value_pb(value))
-            results.append(item)
-        return pb.CheckEligibilityResponse(results=results)
+        return response
 
     # -- capabilities ----------------------------------------------------------------------------
 
