@@ -266,8 +266,9 @@ class SegmentServicer(segment_pb2_grpc.SegmentServiceServicer):  # type: ignore[
             raise InvalidArgument.of("contacts", f"at most {MAX_BATCH} contacts per call; split the file")
         # Validation (CPU in this process) and the writes (mostly the database server's work) of
         # one call overlap: a thread validates the rows in parts, in order, while the database
-        # thread writes each part as soon as it is ready, in the call's one transaction. Any
-        # failure, or the call's cancellation, rolls the whole call back.
+        # thread writes each part as soon as it is ready, in the call's one transaction: a
+        # failure on either side rolls the whole call back, and so does a call cancelled while
+        # parts are still waiting to be validated (they are dropped, the writer sees that).
         items = request.contacts
         at = now()
         rejected: list[repo.Rejection] = []
