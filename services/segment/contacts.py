@@ -12,6 +12,7 @@ import json
 import math
 import re
 from collections.abc import Iterable, Mapping
+from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -269,8 +270,19 @@ def fields_from_json(text: str) -> dict[str, FieldVal]:
     return out
 
 
+@lru_cache(maxsize=4096)
+def tag_set(tags: tuple[str, ...]) -> tuple[str, ...]:
+    """Tags as they are stored: unique, sorted. Cached: an import repeats a few tag lists."""
+    return tuple(sorted(set(tags)))
+
+
+@lru_cache(maxsize=4096)
+def _tag_set_json(tags: tuple[str, ...]) -> str:
+    return _to_json(tag_set(tags))
+
+
 def tags_to_json(tags: Iterable[str]) -> str:
-    return _to_json(sorted(set(tags)))
+    return _tag_set_json(tuple(tags))
 
 
 def tags_from_json(text: str) -> tuple[str, ...]:
@@ -377,6 +389,28 @@ def parse_contact_input(
             "; ".join(f"{v.field}: {v.description}" for v in violations), violations=violations
         )
     return data
+
+
+def import_keys(items: Iterable[pb.ContactInput]) -> tuple[set[str], set[str]]:
+    """(external ids, emails) the rows of an import may match stored contacts by, before validation.
+
+    A valid row is matched by its external_id, else by its email, exactly as parse_contact_input
+    normalises them: every such key is in here (and maybe keys of rows validation refuses later),
+    so an import can look them all up before it writes its first row.
+    """
+    external_ids: set[str] = set()
+    emails: set[str] = set()
+    for item in items:
+        external_id = item.external_id.strip()
+        if external_id:
+            external_ids.add(external_id)
+            continue
+        email = item.email.strip()
+        # An email refused here is refused by validation too: that row matches nothing.
+        if email:
+            with suppress(ValueError):
+                emails.add(normalise_email(email))
+    return external_ids, emails
 
 
 def parse_consent_input(msg: pb.ConsentInput, *, allow_unspecified_status: bool = False) -> ConsentData:

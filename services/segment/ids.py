@@ -73,5 +73,10 @@ def new_ids(prefix: str, count: int) -> list[str]:
     return [head + _encode10(r) for r in range(rand, rand + count)]
 
 
+def id_from_bits(prefix: str, value: int) -> str:
+    """A deterministic id of the same form from a 100-bit value (most significant bits first)."""
+    return f"{prefix}_{_encode10(value >> 50)}{_encode10(value & _RAND_MAX)}"
+
+
 def is_id(value: str, prefix: str) -> bool:
     return value.startswith(prefix + "_") and ID_RE.match(value) is not None

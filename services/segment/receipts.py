@@ -17,7 +17,6 @@ from datetime import UTC, datetime
 from sqlmodel import Session
 
 from services.segment import ids, repo
-from services.segment.contacts import as_utc
 from shoal.bus import Delivery
 from shoal.db import Database
 from shoal.v1 import common_pb2, events_pb2
@@ -52,19 +51,14 @@ def receipt_event_id(receipt: events_pb2.MessageReceipt) -> str:
     """The same receipt always maps to the same `evt_` id."""
     key = f"{receipt.provider}\x1f{receipt.send_key or receipt.provider_message_id}\x1f{receipt.status}"
     digest = int.from_bytes(hashlib.sha256(key.encode()).digest()[:13], "big") >> 4  # 100 bits
-    alphabet = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-    chars = []
-    for _ in range(20):
-        chars.append(alphabet[digest & 31])
-        digest >>= 5
-    return f"{ids.EVENT}_{''.join(reversed(chars))}"
+    return ids.id_from_bits(ids.EVENT, digest)
 
 
 def to_event(receipt: events_pb2.MessageReceipt) -> repo.EventData | None:
     kind = event_type(receipt)
     if kind is None or not ids.is_id(receipt.contact_id, ids.CONTACT):
         return None
-    occurred = as_utc(receipt.time.ToDatetime()) if receipt.HasField("time") else datetime.now(UTC)
+    occurred = receipt.time.ToDatetime(tzinfo=UTC) if receipt.HasField("time") else datetime.now(UTC)
     send_key = receipt.send_key
     properties = {"provider": receipt.provider, "send_key": send_key}
     if receipt.error:

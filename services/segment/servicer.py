@@ -7,14 +7,15 @@ with the event id as `Nats-Msg-Id` so a retried publish is dropped by JetStream.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2
 from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session
 
 from services.segment import contacts as c
 from services.segment import ids, repo
@@ -30,6 +31,8 @@ from shoal.v1 import segment_pb2 as pb
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 10_000
+# ImportContacts validates and writes its rows in parts of this many (see ImportContacts).
+IMPORT_PART = 2_000
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
 DEFAULT_STREAM_PAGE = 1000
@@ -112,12 +115,15 @@ def external_id_conflict() -> Conflict:
 
 
 def parse_import_rows(
-    items: Sequence[pb.ContactInput],
+    items: Sequence[pb.ContactInput], start: int = 0, stop: int | None = None
 ) -> tuple[list[tuple[int, c.ContactData]], list[repo.Rejection]]:
-    """Valid rows with their index, and one rejection per invalid row (its first field, all rules)."""
+    """Valid rows with their index, and one rejection per invalid row (its first field, all rules).
+
+    Only `items[start:stop]`, indexed as in the whole of `items`.
+    """
     rows: list[tuple[int, c.ContactData]] = []
     rejected: list[repo.Rejection] = []
-    for i, item in enumerate(items):
+    for i, item in enumerate(items[start:stop], start):
         try:
             rows.append((i, c.parse_contact_input(item, prefix=f"contacts[{i}]")))
         except InvalidArgument as exc:
@@ -258,9 +264,41 @@ class SegmentServicer(segment_pb2_grpc.SegmentServiceServicer):  # type: ignore[
         ws = require_workspace(request.workspace_id)
         if len(request.contacts) > MAX_BATCH:
             raise InvalidArgument.of("contacts", f"at most {MAX_BATCH} contacts per call; split the file")
-        # Validating 10,000 rows takes about a second of CPU: off the event loop, like DB work.
-        rows, rejected = await asyncio.to_thread(parse_import_rows, request.contacts)
-        outcome = await self.db.run(lambda s: repo.import_contacts(s, workspace_id=ws, rows=rows, now=now()))
+        # Validation (CPU in this process) and the writes (mostly the database server's work) of
+        # one call overlap: a thread validates the rows in parts, in order, while the database
+        # thread writes each part as soon as it is ready, in the call's one transaction: a
+        # failure on either side rolls the whole call back, and so does a call cancelled while
+        # parts are still waiting to be validated (they are dropped, the writer sees that).
+        items = request.contacts
+        at = now()
+        rejected: list[repo.Rejection] = []
+        validator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segment-import-validate")
+        try:
+            validated: list[Future[tuple[list[tuple[int, c.ContactData]], list[repo.Rejection]]]] = [
+                validator.submit(parse_import_rows, items, start, start + IMPORT_PART)
+                for start in range(0, len(items), IMPORT_PART)
+            ]
+
+            def parts() -> Iterator[list[tuple[int, c.ContactData]]]:
+                for part in validated:
+                    rows, refused = part.result()
+                    rejected.extend(refused)
+                    yield rows
+
+            def write(session: Session) -> repo.ImportOutcome:
+                external_ids, emails = c.import_keys(items)
+                return repo.import_contact_parts(
+                    session,
+                    workspace_id=ws,
+                    external_ids=external_ids,
+                    emails=emails,
+                    parts=parts(),
+                    now=at,
+                )
+
+            outcome = await self.db.run(write)
+        finally:
+            validator.shutdown(wait=False, cancel_futures=True)
         rejected.extend(outcome.rejected)
         grown = len(outcome.created)
         await self.db.run(lambda s: repo.refresh_statistics(s, grown=grown))
@@ -367,7 +405,7 @@ class SegmentServicer(segment_pb2_grpc.SegmentServiceServicer):  # type: ignore[
         if len(request.contact_ids) > MAX_BATCH:
             raise InvalidArgument.of("contact_ids", f"at most {MAX_BATCH} per call")
         contact_ids = list(request.contact_ids)
-        views = await self.db.run(
+        response: pb.CheckEligibilityResponse = await self.db.run(
             lambda s: repo.check_eligibility(
                 s,
                 workspace_id=ws,
@@ -376,20 +414,7 @@ class SegmentServicer(segment_pb2_grpc.SegmentServiceServicer):  # type: ignore[
                 message_type=request.message_type,
             )
         )
-        results = []
-        for v in views:
-            item = pb.Eligibility(
-                contact_id=v.contact_id,
-                eligible=v.eligible,
-                reason=v.reason,  # type: ignore[arg-type]
-                address=v.address,
-                first_name=v.first_name,
-                last_name=v.last_name,
-            )
-            for name, value in v.fields.items():
-                item.fields[name].CopyFrom(c.field_value_pb(value))
-            results.append(item)
-        return pb.CheckEligibilityResponse(results=results)
+        return response
 
     # -- capabilities ----------------------------------------------------------------------------
 

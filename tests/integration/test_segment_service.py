@@ -13,6 +13,7 @@ import pytest
 import pytest_asyncio
 from google.protobuf import struct_pb2
 
+from services.segment import servicer
 from services.segment.config import SegmentSettings
 from services.segment.server import build
 from shoal.bus import Bus
@@ -638,6 +639,64 @@ async def test_import_ten_thousand_in_one_call(svc: Harness) -> None:
         pb.EstimateAudienceRequest(workspace_id=svc.ws, filter=tag("bulk"))
     )
     assert size.size == 10_000
+
+
+async def test_import_in_parts_behaves_as_one_call(svc: Harness) -> None:
+    """Rows are validated and written in parts (servicer.IMPORT_PART); across part boundaries a
+    repeated key is still refused, indexes stay those of the whole call, and every row is matched
+    against the contacts as they were before the call."""
+    part = servicer.IMPORT_PART
+    moved = await create(svc, external_id="moves", email="old@example.com", first_name="Old")
+    rows = [pb.ContactInput(external_id=f"p{i}", tags=[f"t{i % 3}"]) for i in range(2 * part + 10)]
+    rows[1] = pb.ContactInput(external_id="moves", email="new@example.com")
+    rows[part + 1] = pb.ContactInput(external_id="p0", first_name="again")
+    rows[part + 2] = pb.ContactInput(email="broken")
+    # Keyed by the email `moves` had before the call, though row 1 changed it in an earlier part.
+    rows[2 * part + 1] = pb.ContactInput(email="old@example.com", last_name="Matched")
+    reply = await svc.stub.ImportContacts(
+        pb.ImportContactsRequest(workspace_id=svc.ws, contacts=rows), timeout=60
+    )
+    assert [(r.index, r.field) for r in reply.rejected] == [
+        (part + 1, f"contacts[{part + 1}].external_id"),
+        (part + 2, f"contacts[{part + 2}].email"),
+    ]
+    assert "repeats row 0" in reply.rejected[0].reason
+    assert (reply.imported, reply.updated) == (len(rows) - 4, 2)
+    got = (await svc.stub.GetContact(pb.GetContactRequest(workspace_id=svc.ws, contact_id=moved.id))).contact
+    # Applied in row order: row 1 moved the email, the later row (keyed by the old one) set it back.
+    assert (got.email, got.first_name, got.last_name) == ("old@example.com", "Old", "Matched")
+    size = await svc.stub.EstimateAudience(pb.EstimateAudienceRequest(workspace_id=svc.ws, filter=tag("t0")))
+    assert size.size == sum(1 for r in rows if "t0" in r.tags)
+
+
+async def test_import_failing_in_a_later_part_writes_nothing(
+    svc: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One transaction per call: parts already written are rolled back when a later one fails."""
+    part = servicer.IMPORT_PART
+    validate = servicer.parse_import_rows
+
+    def failing(items: Sequence[pb.ContactInput], start: int = 0, stop: int | None = None) -> object:
+        if start >= part:
+            raise RuntimeError("validation crashed")
+        return validate(items, start, stop)
+
+    monkeypatch.setattr(servicer, "parse_import_rows", failing)
+    rows = [pb.ContactInput(external_id=f"f{i}", tags=["doomed"]) for i in range(part + 5)]
+    with pytest.raises(grpc.aio.AioRpcError):
+        await svc.stub.ImportContacts(
+            pb.ImportContactsRequest(workspace_id=svc.ws, contacts=rows), timeout=60
+        )
+    monkeypatch.setattr(servicer, "parse_import_rows", validate)
+    size = await svc.stub.EstimateAudience(
+        pb.EstimateAudienceRequest(workspace_id=svc.ws, filter=tag("doomed"))
+    )
+    assert size.size == 0
+    # The same rows go in whole afterwards: nothing of the failed call is left to collide with.
+    reply = await svc.stub.ImportContacts(
+        pb.ImportContactsRequest(workspace_id=svc.ws, contacts=rows), timeout=60
+    )
+    assert (reply.imported, reply.updated, len(reply.rejected)) == (len(rows), 0, 0)
 
 
 # -- capabilities and events ----------------------------------------------------------------------

@@ -25,6 +25,7 @@ from services.segment.contacts import (
     ContactData,
     ContactView,
     FieldVal,
+    as_utc,
     field_value_pb,
     normalise_email,
 )
@@ -286,6 +287,122 @@ def test_stream_page_is_the_member_of_each_stored_contact(db: Database) -> None:
                 break
     assert len(expected) == len(people)
     assert streamed == expected
+
+
+def eligibility_pb(view: ContactView | None, contact_id: str, channel: int, granted: bool) -> pb.Eligibility:
+    """The answer of CheckEligibility the long way (the servicer's conversion before the fast path)."""
+    if view is None:
+        return pb.Eligibility(contact_id=contact_id, reason=pb.INELIGIBLE_REASON_UNKNOWN_CONTACT)
+    address = (view.email if channel == EMAIL else view.phone) or ""
+    if view.status != ACTIVE:
+        reason = pb.INELIGIBLE_REASON_NOT_ACTIVE
+    elif not address:
+        reason = pb.INELIGIBLE_REASON_NO_ADDRESS
+    elif not granted:
+        reason = pb.INELIGIBLE_REASON_NO_CONSENT
+    else:
+        reason = pb.INELIGIBLE_REASON_UNSPECIFIED
+    item = pb.Eligibility(
+        contact_id=contact_id,
+        eligible=reason == pb.INELIGIBLE_REASON_UNSPECIFIED,
+        reason=reason,  # type: ignore[arg-type]
+        address=address,
+        first_name=view.first_name or "",
+        last_name=view.last_name or "",
+    )
+    for name, value in view.fields.items():
+        item.fields[name].CopyFrom(field_value_pb(value))
+    return item
+
+
+@pytest.mark.parametrize(("channel", "message_type"), [(EMAIL, NEWSLETTER), (SMS, MESSAGE), (EMAIL, MESSAGE)])
+def test_check_eligibility_answers_from_the_stored_contact(
+    db: Database, channel: int, message_type: int
+) -> None:
+    people = [
+        *_people_with_everything(),
+        Person(
+            ContactData(
+                email="dee@example.com",
+                phone="+12025550142",
+                consents=[ConsentData(channel, message_type, GRANTED)],
+            )
+        ),
+        Person(ContactData(email="eve@example.com", consents=[ConsentData(channel, message_type, PENDING)])),
+    ]
+    ws = store(db, people)
+    unknown = "c_00000000000000000000"
+    asked = [p.id for p in people] + [unknown, people[0].id]
+    with db.session() as s:
+        views = repo.load_contacts(s, workspace_id=ws, contact_ids=[p.id for p in people])
+        answer = repo.check_eligibility(
+            s, workspace_id=ws, contact_ids=asked, channel=channel, message_type=message_type
+        )
+    granted = {p.id for p in people if p.consent.get((channel, message_type)) == GRANTED}
+    expected = [eligibility_pb(views.get(i), i, channel, i in granted) for i in asked]
+    assert list(answer.results) == expected
+    assert any(r.eligible for r in answer.results)
+
+
+def test_recorded_events_are_stored_once_per_id(db: Database) -> None:
+    """The receipts consumer's events: a redelivered receipt (same event id) is stored once,
+    events of unknown contacts are skipped, and each reads back as it was recorded."""
+    people = [Person(ContactData(email=f"ev{i}@example.com")) for i in range(3)]
+    ws = store(db, people)
+    at = NOW - timedelta(hours=1, microseconds=250)
+
+    def event(contact_id: str, event_id: str) -> repo.EventData:
+        return repo.EventData(
+            contact_id,
+            "email.opened",
+            at,
+            {"provider": "p", "n": [1, {"b": 2, "a": 1}]},
+            "m1",
+            "cmp",
+            "n1",
+            "r1",
+            event_id,
+        )
+
+    first = [
+        event(people[0].id, "evt_AAAAAAAAAAAAAAAAAAAA"),
+        event("c_00000000000000000000", "evt_BBBBBBBBBBBBBBBBBBBB"),
+    ]
+    first += [event(people[1].id, "evt_CCCCCCCCCCCCCCCCCCCC")] * 2
+    with db.session() as s:
+        stored = repo.record_events(s, workspace_id=ws, events=first, now=NOW)
+    assert [event_id for event_id, _ in stored] == [
+        "evt_AAAAAAAAAAAAAAAAAAAA",
+        "evt_CCCCCCCCCCCCCCCCCCCC",
+        "evt_CCCCCCCCCCCCCCCCCCCC",
+    ]
+    with db.session() as s:
+        repo.record_events(
+            s,
+            workspace_id=ws,
+            events=[event(people[0].id, "evt_AAAAAAAAAAAAAAAAAAAA"), event(people[2].id, "")],
+            now=NOW,
+        )
+        rows = s.execute(
+            repo.contact_events.select()
+            .where(repo.contact_events.c.workspace_id == ws)
+            .order_by(repo.contact_events.c.contact_id)
+        ).all()
+        found = repo.query_events(
+            s,
+            workspace_id=ws,
+            queries=[
+                repo.EventQueryData(
+                    p.id, "email.opened", node_id="n1", message_id="m1", run_id="r1", since=at
+                )
+                for p in people
+            ]
+            + [repo.EventQueryData(people[0].id, "email.opened", since=at + timedelta(microseconds=1))],
+        )
+    assert [r.contact_id for r in rows] == sorted(p.id for p in people)
+    assert {r.properties_json for r in rows} == {'{"n":[1,{"a":1,"b":2}],"provider":"p"}'}
+    assert {(r.campaign_id, as_utc(r.occurred_at), as_utc(r.recorded_at)) for r in rows} == {("cmp", at, NOW)}
+    assert found == [True, True, True, False]
 
 
 def test_bulk_insert_round_trips_every_value_and_consent(db: Database) -> None:
