@@ -118,7 +118,8 @@ class Execution(ExecutionModel, table=True):
 
 class Send(ExecutionModel, table=True):
     __tablename__ = "sends"
-    __table_args__ = (Index("ix_sends_run", "run_id"), Index("ix_sends_execution", "execution_id"))
+    # No index on execution_id: an execution's sends are found by their keys (repo.sends_of).
+    __table_args__ = (Index("ix_sends_run", "run_id"),)
 
     # "execution_id:node_id": unique, so no execution sends twice from one node.
     key: str = Field(primary_key=True, max_length=140)

@@ -717,6 +717,16 @@ def known_sends(session: Session, keys: Sequence[str]) -> dict[str, Any]:
     }
 
 
+def sends_of(conn: Connection, *, execution_id: str, send_nodes: Sequence[str]) -> list[Any]:
+    """An execution's sends, oldest first, found by their keys (`execution_id:node_id` for each
+    SEND node of its run's flow) in the primary key. An index on sends.execution_id would cost
+    every recorded send a write on a page of its own (hashed ids) for this one rare read."""
+    if not send_nodes:
+        return []
+    keys = [f"{execution_id}:{node}" for node in send_nodes]
+    return list(conn.execute(select(S).where(S.c.key.in_(keys)).order_by(S.c.created_at, S.c.key)).all())
+
+
 @dataclass
 class NewSend:
     """A send the provider accepted, to record (`record_sends`)."""

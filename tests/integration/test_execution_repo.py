@@ -105,6 +105,22 @@ def test_sends_are_recorded_once(db: Database) -> None:
         assert repo.counters_of(s, ["run_1"])[0].sent == 1
 
 
+def test_an_executions_sends_are_found_by_their_keys(db: Database) -> None:
+    a, b = _insert(db, ["ct_a", "ct_b"])
+    with db.session() as s:
+        repo.record_sends(
+            s,
+            [
+                repo.NewSend(f"{x}:{node}", "ws_1", x, "run_1", "cmp_1", node, 1, "sandbox", "pm", 1, 1, 1, 2)
+                for x, node in ((a, "s1"), (a, "s3"), (b, "s1"))
+            ],
+        )
+    with db.session() as s:
+        found = repo.sends_of(s.connection(), execution_id=a, send_nodes=["s1", "s2", "s3"])
+        assert sorted((r.execution_id, r.node_id) for r in found) == [(a, "s1"), (a, "s3")]
+        assert repo.sends_of(s.connection(), execution_id=b, send_nodes=[]) == []
+
+
 def test_timer_queries_find_due_wakes_nudges_and_expired_leases(db: Database) -> None:
     due, later = _insert(db, ["ct_due", "ct_later"], nudge_in=timedelta(0))
     with db.session() as s:

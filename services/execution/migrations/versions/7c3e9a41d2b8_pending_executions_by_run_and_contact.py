@@ -1,8 +1,9 @@
-"""pending executions indexed by run and contact instead of id
+"""pending executions indexed by run and contact instead of id; no index on sends.execution_id
 
 The nudge queries page a campaign's pending executions by (run, contact, entry) now; that key
 follows the order in which fan-outs insert and workers claim, while the hashed ids scattered
-every row of a batch over its own index page.
+every row of a batch over its own index page. For the same reason sends lose their
+execution_id index: GetExecution finds an execution's sends by their keys instead.
 
 Revision ID: 7c3e9a41d2b8
 Revises: 2fd17b0175d5
@@ -34,9 +35,13 @@ def upgrade() -> None:
         batch_op.drop_index(
             "ix_executions_pending_campaign", sqlite_where=_PENDING, postgresql_where=_PENDING
         )
+    with op.batch_alter_table("sends", schema=None) as batch_op:
+        batch_op.drop_index("ix_sends_execution")
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("sends", schema=None) as batch_op:
+        batch_op.create_index("ix_sends_execution", ["execution_id"], unique=False)
     with op.batch_alter_table("executions", schema=None) as batch_op:
         batch_op.create_index(
             "ix_executions_pending_campaign",
