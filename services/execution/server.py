@@ -68,9 +68,10 @@ async def count_states(db: Database, stop: asyncio.Event, *, metrics: Metrics, i
 # finishes dirties ~700-1,000 pages (the executions' random-id indexes), so with the default
 # nearly every commit ran a checkpoint in the database thread: two fsyncs, and the same hot index
 # pages copied back into the database file again and again. 10,000 pages (a WAL of ~40 MB, reused,
-# not regrown) copy a hot page once per ten batches: on a 100k-contact fan-out + SEND run the
-# database work costs ~25 % less CPU and about a third of the wall time (fsync stalls that held
-# every batch in flight, since one thread does all of this process's database work).
+# not regrown) copy a hot page once per ten batches: on a 100k-contact fan-out + claim + finish
+# loop the database work cost ~25 % less CPU and 30-75 % less wall time (the fsync stalls, which
+# grow with the disk's load, held every batch in flight: one thread does all of this process's
+# database work).
 WAL_AUTOCHECKPOINT_PAGES = 10_000
 
 
