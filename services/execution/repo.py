@@ -724,7 +724,11 @@ def sends_of(conn: Connection, *, execution_id: str, send_nodes: Sequence[str]) 
     if not send_nodes:
         return []
     keys = [f"{execution_id}:{node}" for node in send_nodes]
-    return list(conn.execute(select(S).where(S.c.key.in_(keys)).order_by(S.c.created_at, S.c.key)).all())
+    # One SEND node is the common flow: `key = ?` skips the expanding IN's per-call rendering
+    # (~30 us of Python, and the gateway asks once per receipt).
+    match = S.c.key == keys[0] if len(keys) == 1 else S.c.key.in_(keys)
+    rows = conn.execute(select(S).where(match)).all()
+    return sorted(rows, key=lambda r: (r.created_at, r.key))
 
 
 @dataclass
