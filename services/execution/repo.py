@@ -23,6 +23,7 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    tuple_,
     union,
     update,
 )
@@ -599,37 +600,54 @@ def due_campaigns(session: Session) -> list[str]:
     return [r[0] for r in session.execute(union(woken, nudged)).all()]
 
 
+# Where a paged nudge continues: (run_id, contact_id, entry) of the last execution it nudged.
+NudgeCursor = tuple[str, str, int]
+
+
 def nudge_due(
     session: Session,
     *,
     campaign_ids: Sequence[str],
     resume: bool,
-    after_id: str,
+    after: NudgeCursor | None,
     limit: int,
     renudge: timedelta,
-) -> list[ExecRow]:
-    """Pending executions to nudge now, marked so the next nudge is `renudge` away.
+) -> tuple[list[ExecRow], NudgeCursor | None]:
+    """Pending executions to nudge now, marked so the next nudge is `renudge` away, and the
+    cursor of the next page (None when this page was the last).
 
     Timer mode: those whose WAIT is over or whose safety nudge is due. Resume mode: every
-    pending execution not parked at a future WAIT, paged by id. The step_seq does not change:
-    a duplicate nudge is harmless (one claim wins) and a queued message stays current.
+    pending execution not parked at a future WAIT. The step_seq does not change: a duplicate
+    nudge is harmless (one claim wins) and a queued message stays current.
+
+    Paged by (run, contact, entry), the key of ix_executions_pending_run_contact (models.py),
+    not by id: the page is read in the database's own order and the cursor is its last row, so
+    the next page starts right after it under any collation.
     """
     t = now()
     if resume:
         due = or_(E.c.wake_at.is_(None), E.c.wake_at <= t)
     else:
         due = or_(E.c.wake_at <= t, and_(E.c.wake_at.is_(None), E.c.nudge_at <= t))
-    ids = select(E.c.id).where(state_is(PENDING), E.c.campaign_id.in_(list(campaign_ids)), due)
-    if after_id:
-        ids = ids.where(E.c.id > after_id)
-    picked = ids.order_by(E.c.id).limit(limit).scalar_subquery()
+    key = (E.c.run_id, E.c.contact_id, E.c.entry)
+    page = select(E.c.id, *key).where(state_is(PENDING), E.c.campaign_id.in_(list(campaign_ids)), due)
+    if after is not None:
+        page = page.where(tuple_(*key) > tuple_(*(literal(v) for v in after)))
+    picked = session.execute(page.order_by(*key).limit(limit)).all()
+    if not picked:
+        return [], None
+    # Same transaction: on SQLite nothing else writes in between; on PostgreSQL a row claimed
+    # meanwhile is no longer pending and is left out by the state check.
     result = session.execute(
         update(E)
-        .where(E.c.state == PENDING, E.c.id.in_(picked))
+        .where(E.c.state == PENDING, E.c.id.in_([r.id for r in picked]))
         .values(wake_at=None, nudge_at=t + renudge, updated_at=t)
         .returning(*_EXEC_COLUMNS)
     )
-    return sorted((_row(r) for r in result.all()), key=lambda r: r.id)
+    rows = {r.id: _row(r) for r in result.all()}
+    last = picked[-1]
+    cursor = (last.run_id, last.contact_id, last.entry) if len(picked) == limit else None
+    return [rows[r.id] for r in picked if r.id in rows], cursor
 
 
 def expire_leases(session: Session, *, limit: int) -> list[ExecRow]:
@@ -697,6 +715,20 @@ def known_sends(session: Session, keys: Sequence[str]) -> dict[str, Any]:
         .execute(select(S.c.key, S.c.channel).where(S.c.key.in_(list(keys))))
         .all()
     }
+
+
+def sends_of(conn: Connection, *, execution_id: str, send_nodes: Sequence[str]) -> list[Any]:
+    """An execution's sends, oldest first, found by their keys (`execution_id:node_id` for each
+    SEND node of its run's flow) in the primary key. An index on sends.execution_id would cost
+    every recorded send a write on a page of its own (hashed ids) for this one rare read."""
+    if not send_nodes:
+        return []
+    keys = [f"{execution_id}:{node}" for node in send_nodes]
+    # One SEND node is the common flow: `key = ?` skips the expanding IN's per-call rendering
+    # (~30 us of Python, and the gateway asks once per receipt).
+    match = S.c.key == keys[0] if len(keys) == 1 else S.c.key.in_(keys)
+    rows = conn.execute(select(S).where(match)).all()
+    return sorted(rows, key=lambda r: (r.created_at, r.key))
 
 
 @dataclass

@@ -21,6 +21,13 @@ from shoal.v1 import execution_pb2 as pb
 from shoal.v1 import execution_pb2_grpc
 
 MAX_PAGE = 1000
+# Runs whose SEND node ids GetExecution keeps (a run's flow never changes).
+SEND_NODES_CACHE = 1024
+
+
+def _send_nodes(flow: bytes) -> tuple[str, ...]:
+    compiled = flows.compile_flow(cpb.Flow.FromString(flow))
+    return tuple(n.id for n in compiled.nodes.values() if n.kind == flows.SEND)
 
 
 def require(value: str, name: str) -> str:
@@ -79,6 +86,8 @@ class ExecutionServicer(execution_pb2_grpc.ExecutionServiceServicer):
         self.bus = bus
         self.states = states
         self.fanout = fanout
+        # SEND node ids per run id (GetExecution finds an execution's sends by their keys).
+        self._send_nodes: dict[str, tuple[str, ...]] = {}
 
     async def StartRun(self, request: pb.StartRunRequest, context: Any) -> pb.StartRunResponse:
         ws = require(request.workspace_id, "workspace_id")
@@ -168,21 +177,32 @@ class ExecutionServicer(execution_pb2_grpc.ExecutionServiceServicer):
 
     async def GetExecution(self, request: pb.GetExecutionRequest, context: Any) -> pb.GetExecutionResponse:
         ws = require(request.workspace_id, "workspace_id")
-        E, S = repo.E, repo.S
+        E = repo.E
 
-        def work(session: Any) -> tuple[Any, list[Any]]:
+        def work(session: Any) -> tuple[Any, list[Any], tuple[str, ...] | None]:
             # On the connection: Core reads need none of the ORM session's bookkeeping, and the
             # gateway asks this once per execution that gets a receipt.
             conn = session.connection()
             row = conn.execute(
                 select(E).where(E.c.id == request.execution_id, E.c.workspace_id == ws)
             ).first()
-            sends = list(conn.execute(select(S).where(S.c.execution_id == request.execution_id)).all())
-            return row, sends
+            if row is None:
+                return None, [], None
+            nodes = self._send_nodes.get(row.run_id)
+            fresh = None
+            if nodes is None:
+                run = conn.execute(select(repo.R.c.flow).where(repo.R.c.id == row.run_id)).first()
+                nodes = fresh = _send_nodes(run.flow) if run is not None else ()
+            return row, repo.sends_of(conn, execution_id=row.id, send_nodes=nodes), fresh
 
-        row, sends = await self.db.run(work)
+        row, sends, fresh = await self.db.run(work)
         if row is None:
             raise NotFound(f"execution {request.execution_id} not found")
+        if fresh is not None:
+            # A run's flow never changes; the cache is written here, in the event loop only.
+            if len(self._send_nodes) >= SEND_NODES_CACHE:
+                self._send_nodes.pop(next(iter(self._send_nodes)))
+            self._send_nodes[row.run_id] = fresh
         return pb.GetExecutionResponse(execution=execution_pb(row), sends=[send_pb(s) for s in sends])
 
     async def RequeuePending(

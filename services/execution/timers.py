@@ -74,23 +74,21 @@ async def nudge(
 ) -> int:
     """Publish a step for the due pending executions of these (running) campaigns."""
     total = 0
-    after = ""
+    after: repo.NudgeCursor | None = None
     tag = f"n{repo.now().timestamp():.3f}"
     while campaign_ids:
-        rows = await db.run(
+        rows, after = await db.run(
             repo.nudge_due,
             campaign_ids=campaign_ids,
             resume=resume,
-            after_id=after,
+            after=after,
             limit=limit,
             renudge=renudge,
         )
-        if not rows:
-            return total
-        await bus.publish_many(step_messages(bus, rows, nudge=tag))
+        if rows:
+            await bus.publish_many(step_messages(bus, rows, nudge=tag))
         total += len(rows)
-        after = rows[-1].id
-        if len(rows) < limit:
+        if after is None:
             return total
     return total
 
