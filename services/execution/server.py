@@ -64,26 +64,14 @@ async def count_states(db: Database, stop: asyncio.Event, *, metrics: Metrics, i
             await asyncio.wait_for(stop.wait(), timeout=interval)
 
 
-# WAL pages between automatic checkpoints (SQLite's default is 1,000). A batch of 1,000 claims or
-# finishes dirties ~700-1,000 pages (the executions' random-id indexes), so with the default
-# nearly every commit ran a checkpoint in the database thread: two fsyncs, and the same hot index
-# pages copied back into the database file again and again. 10,000 pages (a WAL of ~40 MB, reused,
-# not regrown) copy a hot page once per ten batches: on a 100k-contact fan-out + claim + finish
-# loop the database work cost ~25 % less CPU and 30-75 % less wall time (the fsync stalls, which
-# grow with the disk's load, held every batch in flight: one thread does all of this process's
-# database work).
-WAL_AUTOCHECKPOINT_PAGES = 10_000
-
-
 def _sqlite_tuning(db: Database) -> None:
     """64 MB of page cache instead of SQLite's 2 MB: the executions table and its indexes are
-    read and rewritten in every batch, and re-reading their pages from the OS costs CPU. And
-    checkpoints every `WAL_AUTOCHECKPOINT_PAGES` pages instead of every 1,000 (see above)."""
+    read and rewritten in every batch, and re-reading their pages from the OS costs CPU. (The
+    checkpoint interval, which matters as much here, is set for every service in shoal.db.)"""
 
     @event.listens_for(db.engine, "connect")
     def _tune(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.execute("PRAGMA cache_size=-65536")
-        dbapi_connection.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
 
     db.engine.dispose()  # connections opened for the migration reconnect with the pragmas
 
