@@ -328,6 +328,29 @@ async def test_the_signature_is_checked_before_the_body_is_parsed(h: Harness) ->
     assert reply.json()["details"][0]["field"] == "receipts.0.status"
 
 
+async def test_a_bad_body_names_the_field_and_publishes_nothing(h: Harness) -> None:
+    good = receipt("ex_1").to_json()
+    missing = {k: v for k, v in receipt("ex_2").to_json().items() if k != "workspace_id"}
+    cases = {
+        json.dumps({"receipts": [good, missing]}).encode(): "receipts.1.workspace_id",
+        json.dumps({"receipts": [{**good, "time": "yesterday"}]}).encode(): "receipts.0.time",
+        json.dumps({"receipts": [{**good, "idempotency_key": "a b"}]}).encode(): "receipts.0.idempotency_key",
+        json.dumps([good]).encode(): "request",
+    }
+    for body, field_name in cases.items():
+        reply = await h.client.post(PATH, content=body, headers=signed(body))
+        assert reply.status_code == 400, body
+        assert reply.json()["error"] == "validation_failed"
+        assert reply.json()["details"][0]["field"] == field_name, body
+    # Unknown fields are ignored, as a carrier may add its own.
+    extra = json.dumps({"receipts": [{**good, "carrier_note": "x"}], "carrier": "sandbox"}).encode()
+    reply = await h.client.post(PATH, content=extra, headers=signed(extra))
+    assert reply.status_code == 202
+    assert reply.json() == {"accepted": 1}
+    await wait_for(lambda: len(h.received) == 1)
+    assert [e.send_key for _, e, _ in h.received] == [good["idempotency_key"]]
+
+
 async def test_unknown_provider_is_404_and_big_bodies_413(h: Harness) -> None:
     body = body_of(receipt("ex_1"))
     reply = await h.client.post("/v1/providers/acme/events", content=body, headers=signed(body))
