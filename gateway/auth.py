@@ -65,7 +65,7 @@ class Authenticator:
                 )
 
 
-def get_authenticator(request: Request) -> Authenticator:
+async def get_authenticator(request: Request) -> Authenticator:
     auth: Authenticator = request.app.state.auth
     return auth
 

@@ -126,6 +126,7 @@ class Backends:
             await opened.close()
 
 
-def get_backends(request: Request) -> Backends:
+async def get_backends(request: Request) -> Backends:
+    # async: FastAPI runs a plain-def dependency in its thread pool, a thread hop per request.
     backends: Backends = request.app.state.backends
     return backends

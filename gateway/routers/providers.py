@@ -238,10 +238,6 @@ async def get_ingest(request: Request) -> ReceiptIngest:
     return ingest
 
 
-async def _backends(request: Request) -> Backends:
-    return get_backends(request)
-
-
 def signature_header(provider: str) -> str:
     return f"X-{provider.replace('_', '-').title()}-Signature"
 
@@ -294,7 +290,7 @@ def _parse(body: bytes, settings: GatewaySettings) -> list[ReceiptIn]:
 async def provider_events(
     provider: Annotated[str, Path(pattern=PROVIDER_RE.pattern, description="Provider name, e.g. `sandbox`")],
     request: Request,
-    backends: Annotated[Backends, Depends(_backends)],
+    backends: Annotated[Backends, Depends(get_backends)],
     ingest: Annotated[ReceiptIngest, Depends(get_ingest)],
 ) -> ReceiptsAccepted:
     settings = ingest.settings

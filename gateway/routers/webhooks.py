@@ -299,7 +299,7 @@ def to_attempt(row: store.AttemptRow) -> WebhookAttempt:
 # -- helpers ---------------------------------------------------------------------------------------------
 
 
-def get_dispatcher(request: Request) -> Dispatcher:
+async def get_dispatcher(request: Request) -> Dispatcher:
     dispatcher: Dispatcher = request.app.state.webhooks
     return dispatcher
 
