@@ -12,7 +12,7 @@ import hashlib
 import logging
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from sqlmodel import Session
 
@@ -27,6 +27,10 @@ Closer = Callable[[], Awaitable[None]]
 
 DURABLE = "segment-receipts"
 SUBJECTS = ["shoal.events.message.>"]
+# Up to this many receipts per fetch, recorded in one transaction. A fetch takes what is there, so
+# batches are this large only when receipts queue up; then a commit writes each index page it
+# touched once for more rows (SQLite: ~40 % less commit CPU per receipt at 1,000 than at 500).
+BATCH = 1000
 
 _EMAIL_TYPES = {
     events_pb2.RECEIPT_STATUS_OPENED: "email.opened",
@@ -49,32 +53,48 @@ def event_type(receipt: events_pb2.MessageReceipt) -> str | None:
 
 def receipt_event_id(receipt: events_pb2.MessageReceipt) -> str:
     """The same receipt always maps to the same `evt_` id."""
-    key = f"{receipt.provider}\x1f{receipt.send_key or receipt.provider_message_id}\x1f{receipt.status}"
-    digest = int.from_bytes(hashlib.sha256(key.encode()).digest()[:13], "big") >> 4  # 100 bits
-    return ids.id_from_bits(ids.EVENT, digest)
+    return _event_id(receipt.provider, receipt.send_key or receipt.provider_message_id, receipt.status)
+
+
+def _event_id(provider: str, message: str, status: int) -> str:
+    digest = hashlib.sha256(f"{provider}\x1f{message}\x1f{status}".encode()).digest()
+    return ids.id_from_bits(ids.EVENT, int.from_bytes(digest[:13], "big") >> 4)  # 100 bits
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def to_event(receipt: events_pb2.MessageReceipt) -> repo.EventData | None:
     kind = event_type(receipt)
-    if kind is None or not ids.is_id(receipt.contact_id, ids.CONTACT):
+    contact_id = receipt.contact_id
+    if kind is None or not ids.is_id(contact_id, ids.CONTACT):
         return None
-    occurred = receipt.time.ToDatetime(tzinfo=UTC) if receipt.HasField("time") else datetime.now(UTC)
+    if receipt.HasField("time"):
+        # What Timestamp.ToDatetime(tzinfo=UTC) returns (nanos truncated to microseconds), without
+        # its validation and conversions: a quarter of this function's cost, once per receipt.
+        at = receipt.time
+        occurred = _EPOCH + timedelta(seconds=at.seconds, microseconds=at.nanos // 1000)
+    else:
+        occurred = datetime.now(UTC)
+    provider = receipt.provider
     send_key = receipt.send_key
-    properties = {"provider": receipt.provider, "send_key": send_key}
-    if receipt.error:
-        properties["error"] = receipt.error[:500]
+    properties = {"provider": provider, "send_key": send_key}
+    error = receipt.error
+    if error:
+        properties["error"] = error[:500]
     # send_key is "execution_id:node_id"; the node narrows QueryEvents for CONDITION nodes.
     node_id = receipt.node_id or (send_key.rsplit(":", 1)[-1] if ":" in send_key else "")
+    message_id = receipt.provider_message_id
     return repo.EventData(
-        contact_id=receipt.contact_id,
-        type=kind,
-        occurred_at=occurred,
-        properties=properties,
-        message_id=(receipt.provider_message_id or send_key)[:64],
-        campaign_id=receipt.campaign_id[:64],
-        node_id=node_id[:64],
-        run_id=receipt.run_id[:64],
-        event_id=receipt_event_id(receipt),
+        contact_id,
+        kind,
+        occurred,
+        properties,
+        (message_id or send_key)[:64],
+        receipt.campaign_id[:64],
+        node_id[:64],
+        receipt.run_id[:64],
+        _event_id(provider, send_key or message_id, receipt.status),
     )
 
 

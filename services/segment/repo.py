@@ -1127,19 +1127,28 @@ def record_events(
 
 
 def mark_bounced(session: Session, *, workspace_id: str, contact_ids: Sequence[str], now: datetime) -> int:
-    """ACTIVE contacts whose email hard-bounced become BOUNCED; other statuses are kept."""
-    changed = 0
-    for part in chunks(sorted(set(contact_ids))):
-        result = session.execute(
-            update(contacts)
-            .where(
-                contacts.c.workspace_id == workspace_id,
-                contacts.c.id.in_(part),
-                contacts.c.status == ACTIVE,
-            )
-            .values(status=pb.CONTACT_STATUS_BOUNCED, updated_at=now)
+    """ACTIVE contacts whose email hard-bounced become BOUNCED; other statuses are kept.
+
+    Driver SQL, as `_existing_ids`: the receipts consumer runs this for most of its batches, and
+    SQLAlchemy's rendering of the expanding IN cost more than the update of a few rows.
+    """
+    wanted = sorted(set(contact_ids))
+    if not wanted:
+        return 0
+    conn = session.connection()
+    stamp = _DbTime(session)(now)
+    values = (pb.CONTACT_STATUS_BOUNCED, stamp, workspace_id, ACTIVE)
+    if conn.dialect.name == "postgresql":
+        sql = (
+            f"UPDATE {contacts.name} SET status = %s, updated_at = %s WHERE workspace_id = %s AND status = %s"
         )
-        changed += int(getattr(result, "rowcount", 0) or 0)
+        result = conn.exec_driver_sql(sql + " AND id = ANY(%s)", (*values, wanted))
+        return int(result.rowcount or 0)
+    head = f"UPDATE {contacts.name} SET status = ?, updated_at = ? WHERE workspace_id = ? AND status = ?"
+    changed = 0
+    for part in chunks(wanted):
+        result = conn.exec_driver_sql(head + f" AND id IN ({', '.join('?' * len(part))})", (*values, *part))
+        changed += int(result.rowcount or 0)
     return changed
 
 

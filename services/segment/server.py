@@ -63,6 +63,7 @@ async def start_receipts(bus: Bus, db: Database) -> receipts.Closer:
             durable=receipts.DURABLE,
             decode=events_pb2.MessageReceipt,
             handler=receipts.ReceiptRecorder(db),
+            batch=receipts.BATCH,
             stop=stop,
         ),
         name="segment-receipts",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime
 
 import pytest
@@ -105,6 +106,14 @@ def test_receipts_map_to_event_types_with_stable_ids() -> None:
     assert ids.is_id(event.event_id, ids.EVENT)
     again = receipts.to_event(r)
     assert again is not None and again.event_id == event.event_id  # a redelivery maps to the same id
+    # The id is the receipt's (provider, send key, status) hashed, as stored by earlier releases.
+    digest = hashlib.sha256(f"sandbox\x1fexe_1:n_2\x1f{r.status}".encode()).digest()
+    assert event.event_id == ids.id_from_bits(ids.EVENT, int.from_bytes(digest[:13], "big") >> 4)
+    assert event.occurred_at.tzinfo is not None  # no time on the receipt: when it was recorded
+    r.time.FromNanoseconds(1_767_225_600_123_456_789)
+    timed = receipts.to_event(r)
+    assert timed is not None and timed.occurred_at == r.time.ToDatetime(tzinfo=UTC)
+    assert timed.occurred_at == datetime(2026, 1, 1, 0, 0, 0, 123456, tzinfo=UTC)
     r.channel = common_pb2.CHANNEL_SMS
     assert receipts.event_type(r) == "message.clicked"
     r.status = events_pb2.RECEIPT_STATUS_DELIVERED

@@ -405,6 +405,30 @@ def test_recorded_events_are_stored_once_per_id(db: Database) -> None:
     assert found == [True, True, True, False]
 
 
+def test_bounces_move_only_active_contacts_of_the_workspace(db: Database) -> None:
+    """mark_bounced (driver SQL): ACTIVE -> BOUNCED with updated_at, other statuses and other
+    workspaces untouched, unknown and repeated ids harmless; the count is of contacts changed."""
+    people = [
+        Person(ContactData(email=f"b{i}@example.com", status=status))
+        for i, status in enumerate([ACTIVE, ACTIVE, pb.CONTACT_STATUS_UNSUBSCRIBED, ACTIVE])
+    ]
+    ws = store(db, people)
+    stranger = Person(ContactData(email="b0@example.com"))
+    other = store(db, [stranger])
+    later = NOW + timedelta(minutes=5, microseconds=7)
+    asked = [people[0].id, people[0].id, people[1].id, people[2].id, stranger.id, "c_00000000000000000000"]
+    with db.session() as s:
+        changed = repo.mark_bounced(s, workspace_id=ws, contact_ids=asked, now=later)
+        again = repo.mark_bounced(s, workspace_id=ws, contact_ids=asked, now=later)
+        nothing = repo.mark_bounced(s, workspace_id=ws, contact_ids=[], now=later)
+        views = repo.load_contacts(s, workspace_id=ws, contact_ids=[p.id for p in people])
+        untouched = repo.get_contact(s, workspace_id=other, contact_id=stranger.id)
+    assert (changed, again, nothing) == (2, 0, 0)
+    assert [views[p.id].status for p in people] == [BOUNCED, BOUNCED, pb.CONTACT_STATUS_UNSUBSCRIBED, ACTIVE]
+    assert [views[p.id].updated_at for p in people] == [later, later, NOW, NOW]
+    assert (untouched.status, untouched.updated_at) == (ACTIVE, NOW)
+
+
 def test_bulk_insert_round_trips_every_value_and_consent(db: Database) -> None:
     people = _people_with_everything()
     ws = store(db, people)
