@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import itertools
 import json
@@ -36,13 +37,14 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Generic, Self, TypeVar
+from typing import Generic, Self, TypeVar, cast
 
 import nats.errors
 import nats.js.errors
 from google.protobuf.message import DecodeError, Message
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -124,12 +126,17 @@ class StreamReplicasError(Exception):
 class PublishError(Exception):
     """One or more messages of `publish_many` were not stored; re-publishing all is safe (msg ids)."""
 
-    def __init__(self, failures: list[tuple[int, BaseException]], total: int) -> None:
+    def __init__(
+        self, failures: list[tuple[int, BaseException]], total: int, *, subject: str | None = None
+    ) -> None:
         self.failures = failures
         first_index, first = failures[0]
-        super().__init__(
-            f"{len(failures)} of {total} publishes failed; first (item {first_index}): {first!r}"
-        )
+        where = f"item {first_index}, subject {subject}" if subject else f"item {first_index}"
+        if isinstance(first, nats.js.errors.NoStreamResponseError):
+            detail = f"no stream takes subject {subject}" if subject else "no stream takes its subject"
+        else:
+            detail = str(first) or repr(first)
+        super().__init__(f"{len(failures)} of {total} publishes failed; first ({where}): {detail}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,16 +172,15 @@ class _ProducerGroup:
             self.span.record_exception(exc)
             self.span.set_status(Status(StatusCode.ERROR, repr(exc)))
 
-    def settled(self, fut: asyncio.Future[PubAck]) -> None:
-        """Account for one of the group's publishes once it has settled (or was given up)."""
-        if not fut.done() or fut.cancelled():
+    def settled(self, outcome: PubAck | BaseException | None) -> None:
+        """Account for one of the group's publishes once it has settled (None: given up)."""
+        if outcome is None:
             self.fail(asyncio.CancelledError("publish cancelled"))
-        elif (exc := fut.exception()) is not None:
-            self.fail(exc)
+        elif isinstance(outcome, BaseException):
+            self.fail(outcome)
         else:
-            ack = fut.result()
-            self.last_seq = max(self.last_seq, ack.seq)
-            self.duplicates += bool(ack.duplicate)
+            self.last_seq = max(self.last_seq, outcome.seq)
+            self.duplicates += bool(outcome.duplicate)
 
     def end(self) -> None:
         span = self.span
@@ -190,20 +196,23 @@ class _ProducerGroup:
 
 
 class _Window:
-    """How many publishes of one `publish_many` await their PubAck, and a wait for fewer.
+    """One `publish_many`'s publishes: their outcomes, how many await a PubAck, a wait for fewer.
 
-    One shared done-callback and a counter, where a semaphore and a closure per message (and
-    gather's callback per future) cost more CPU than nats-py's own publish.
+    `outcomes[i]` is item i's PubAck or error once its reply came, None until then. A counter and
+    one waiter, where a future per message, a semaphore and a closure per message cost more CPU
+    than the publish itself.
     """
 
-    __slots__ = ("pending", "waiter", "wanted")
+    __slots__ = ("outcomes", "pending", "waiter", "wanted")
 
     def __init__(self) -> None:
+        self.outcomes: list[PubAck | BaseException | None] = []
         self.pending = 0
         self.wanted = 0
         self.waiter: asyncio.Future[None] | None = None
 
-    def settled(self, _fut: asyncio.Future[PubAck]) -> None:
+    def settle(self, index: int, outcome: PubAck | BaseException) -> None:
+        self.outcomes[index] = outcome
         self.pending -= 1
         waiter = self.waiter
         if waiter is not None and self.pending <= self.wanted and not waiter.done():
@@ -220,6 +229,67 @@ class _Window:
                 self.waiter = None
 
 
+_STATUS_HEADER = Header.STATUS.value
+_NO_RESPONDERS = NatsStatus.SERVICE_UNAVAILABLE.value  # "no responders": no stream took it
+# PubAck's fields, computed once: nats-py's `PubAck.from_response` calls `dataclasses.fields`
+# for every ack, a visible share of a publisher's CPU.
+_PUBACK_FIELDS = frozenset(f.name for f in dataclasses.fields(PubAck))
+
+
+def _read_pub_ack(msg: Msg) -> PubAck:
+    """A JetStream publish reply as nats-py's `publish_async` reads it: the PubAck, or raises
+    NoStreamResponseError (no stream takes the subject) or the APIError the server answered."""
+    headers = msg.headers
+    if headers and (status := headers.get(_STATUS_HEADER)):
+        if status == _NO_RESPONDERS:
+            raise nats.js.errors.NoStreamResponseError
+        nats.js.errors.APIError.from_msg(msg)  # raises
+    resp = json.loads(msg.data)
+    if "error" in resp:
+        nats.js.errors.APIError.from_error(resp["error"])  # raises
+    if resp.keys() <= _PUBACK_FIELDS:
+        return PubAck(**resp)
+    return PubAck.from_response(resp)  # fields this nats-py does not know, or renamed ones
+
+
+class _Acks:
+    """One reply subscription per `Bus` for every `publish_many` PubAck, and who awaits which.
+
+    nats-py's `publish_async` makes a random token, a future, a done-callback closure and a
+    semaphore wait per message and parses each PubAck through `dataclasses.fields`; here a
+    message's reply subject is the bus's inbox plus a counter, mapped to (its call, its index).
+    Entries leave the map when the reply comes or when their call gives up (timeout, cancel), so
+    a reply lost to a server restart cannot leak one: its call times out and removes it. The
+    subscription is an ordinary one, re-made by nats-py after a reconnect.
+    """
+
+    __slots__ = ("lock", "prefix", "serial", "sub", "waiting")
+
+    def __init__(self) -> None:
+        self.waiting: dict[str, tuple[_Window, int]] = {}
+        self.prefix = ""
+        self.serial = itertools.count()
+        self.sub: Subscription | None = None
+        self.lock = asyncio.Lock()
+
+    async def start(self, nc: Client) -> None:
+        async with self.lock:
+            if self.sub is None:
+                prefix = f"{nc.new_inbox()}."
+                self.sub = await nc.subscribe(f"{prefix}*", cb=self.on_reply)
+                self.prefix = prefix
+
+    async def on_reply(self, msg: Msg) -> None:
+        entry = self.waiting.pop(msg.subject, None)
+        if entry is not None:  # else its call gave up already
+            window, index = entry
+            try:
+                outcome: PubAck | BaseException = _read_pub_ack(msg)
+            except Exception as exc:  # the server's answer, or a reply we cannot read
+                outcome = exc
+            window.settle(index, outcome)
+
+
 class Bus:
     """A NATS connection and its JetStream context, with Shoal's streams and tracing."""
 
@@ -232,6 +302,7 @@ class Bus:
         self.js: JetStreamContext = nc.jetstream()
         self.namespace = namespace
         self.tracer = trace.get_tracer("shoal.bus", tracer_provider=tracer_provider)
+        self._acks = _Acks()
 
     @classmethod
     async def connect(
@@ -430,20 +501,32 @@ class Bus:
         items: Sequence[Outgoing],
         *,
         window: int = 1000,
-        # publish_async's ack futures never time out by themselves (a reply lost to a server
-        # restart would hang the caller), so the bound belongs here, not to every caller.
+        # A JetStream reply lost to a server restart never comes, so without a bound the caller
+        # would hang; the bound belongs here, not to every caller.
         timeout: float = 30.0,  # noqa: ASYNC109
     ) -> list[PubAck]:
         """Publish pipelined (at most `window` unacknowledged) and return every PubAck, in order.
 
         Raises `PublishError` when any message was not stored (after all have settled), or
         TimeoutError when they did not all settle within `timeout` seconds.
+
+        Each message is a core NATS publish whose reply subject is on this bus's PubAck inbox
+        (`_Acks`): JetStream's own protocol, as nats-py's `publish_async` speaks it, at less
+        CPU per message.
         """
         if window < 1:
             raise ValueError("window must be at least 1")
+        acks = self._acks
+        if acks.sub is None:
+            await acks.start(self.nc)
+        waiting = acks.waiting
+        prefix = acks.prefix
+        serial = acks.serial
+        publish = self.nc.publish
         pipeline = _Window()
-        futures: list[asyncio.Future[PubAck]] = []
-        owners: list[_ProducerGroup] = []  # owners[i] is futures[i]'s group
+        outcomes = pipeline.outcomes
+        replies: list[str] = []  # replies[i]: item i's reply subject, its key in `waiting`
+        owners: list[_ProducerGroup] = []  # owners[i] is item i's group
         # One PRODUCER span per distinct parent context, not per message: a fan-out page or a
         # batch's follow-ups share one parent, and a span per message cost more CPU than the
         # publish itself. Every message still carries the trace context of a PRODUCER span whose
@@ -451,7 +534,7 @@ class Bus:
         groups: dict[tuple[int, str], _ProducerGroup] = {}
         try:
             async with asyncio.timeout(timeout):
-                for item in items:
+                for index, item in enumerate(items):
                     # The items hold their contexts alive for this call, so id() cannot be reused.
                     key = (id(item.context), item.subject)
                     group = groups.get(key)
@@ -459,40 +542,38 @@ class Bus:
                         group = groups[key] = self._producer_group(self.subject(item.subject), item)
                     if pipeline.pending >= window:
                         await pipeline.wait(window - 1)
-                    hdrs = {**group.headers, _MSG_ID: item.msg_id} if item.msg_id else dict(group.headers)
+                    hdrs = {**group.headers, _MSG_ID: item.msg_id} if item.msg_id else group.headers
+                    reply = f"{prefix}{next(serial)}"
+                    # Registered before the publish: the reply may come while it awaits.
+                    waiting[reply] = (pipeline, index)
+                    replies.append(reply)
+                    outcomes.append(None)
+                    owners.append(group)
+                    pipeline.pending += 1
                     try:
-                        fut = await self.js.publish_async(
-                            group.subject, item.message.SerializeToString(), headers=hdrs
-                        )
+                        await publish(group.subject, item.message.SerializeToString(), reply, hdrs)
                     except BaseException as exc:
                         group.fail(exc)
                         raise
                     group.count += 1
-                    pipeline.pending += 1
-                    fut.add_done_callback(pipeline.settled)
-                    futures.append(fut)
-                    owners.append(group)
                 await pipeline.wait(0)
         finally:
-            # On timeout or cancellation, give back nats-py's own pending slots too.
-            for fut, group in zip(futures, owners, strict=True):
-                group.settled(fut)
-                if not fut.done():
-                    fut.cancel()
+            for reply, group, outcome in zip(replies, owners, outcomes, strict=True):
+                group.settled(outcome)
+                if outcome is None:
+                    # Given up (timeout, cancel, failed send): a late reply finds nobody waiting.
+                    waiting.pop(reply, None)
             for group in groups.values():
                 group.end()
         failures: list[tuple[int, BaseException]] = []
-        acks: list[PubAck] = []
-        for i, fut in enumerate(futures):
-            if fut.cancelled():
-                failures.append((i, asyncio.CancelledError("publish cancelled")))
-            elif (error := fut.exception()) is not None:
-                failures.append((i, error))
-            else:
-                acks.append(fut.result())
+        for i, outcome in enumerate(outcomes):
+            if isinstance(outcome, BaseException):
+                failures.append((i, outcome))
         if failures:
-            raise PublishError(failures, len(items)) from failures[0][1]
-        return acks
+            first = failures[0][0]
+            raise PublishError(failures, len(items), subject=owners[first].subject) from failures[0][1]
+        # Every item settled (else the timeout raised) and none failed: all are PubAcks.
+        return cast(list[PubAck], outcomes)
 
     def _producer_group(self, subject: str, item: Outgoing) -> _ProducerGroup:
         span = self.tracer.start_span(
