@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from shoal.db import normalise_url
+from shoal.db import Database, normalise_url
 
 POSTGRES_URL = os.environ.get("SHOAL_TEST_POSTGRES_URL", "")
 
@@ -61,4 +61,27 @@ def new_database_url(tmp_path: Path) -> Iterator[object]:
     yield make
     for gen in made:
         for _ in gen:
+            pass
+
+
+def module_database(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, migrations: Path, name: str
+) -> Iterator[Database]:
+    """The body of a module-scoped, migrated database fixture parametrised `sqlite`/`postgres`:
+    tests that store into workspaces of their own share it, and PostgreSQL pays for CREATE
+    DATABASE and the migrations once per module."""
+    made: Iterator[str] | None = None
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path_factory.mktemp(name) / f'{name}.db'}"
+    elif not POSTGRES_URL:
+        pytest.skip("PostgreSQL not configured: set SHOAL_TEST_POSTGRES_URL to run this case")
+    else:
+        made = postgres_database()
+        url = next(made)
+    database = Database(url, migrations_dir=migrations)
+    database.migrate()
+    yield database
+    database.engine.dispose()
+    if made is not None:
+        for _ in made:
             pass

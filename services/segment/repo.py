@@ -870,6 +870,10 @@ def append_consents(
         return []
     db_time = _DbTime(session)
     stamp, confirmed = db_time(now), db_time(confirmed_at)
+    rows = [
+        (workspace_id, contact_id, c.channel, c.message_type, c.status, c.source, c.proof, stamp, confirmed)
+        for contact_id, c in items
+    ]
     if session.get_bind().dialect.name == "postgresql":
         # Ids from the sequence first, then COPY with them: unique under concurrent writers.
         # One array value, not a result row per id (a row cost ~2 µs to fetch); sorted, so the
@@ -883,39 +887,8 @@ def append_consents(
             )
             .scalar_one()
         )
-        _insert_consent_rows.run(
-            session,
-            [
-                (
-                    rid,
-                    workspace_id,
-                    contact_id,
-                    c.channel,
-                    c.message_type,
-                    c.status,
-                    c.source,
-                    c.proof,
-                    stamp,
-                    confirmed,
-                )
-                for rid, (contact_id, c) in zip(record_ids, items, strict=True)
-            ],
-        )
+        _insert_consent_rows.run(session, [(rid, *row) for rid, row in zip(record_ids, rows, strict=True)])
     else:
-        rows = [
-            (
-                workspace_id,
-                contact_id,
-                c.channel,
-                c.message_type,
-                c.status,
-                c.source,
-                c.proof,
-                stamp,
-                confirmed,
-            )
-            for contact_id, c in items
-        ]
         record_ids = _sqlite_insert_returning_ids(session, rows)
     # The last record per (contact, channel, message type) of this batch becomes current.
     current = {

@@ -33,7 +33,7 @@ from services.segment.filters import compile_count, compile_filter
 from services.segment.server import MIGRATIONS
 from shoal.db import Database
 from shoal.v1 import segment_pb2 as pb
-from tests.fixtures_db import POSTGRES_URL, postgres_database
+from tests.fixtures_db import module_database
 from tests.unit.test_segment_filters import (
     ACTIVE,
     BOUNCED,
@@ -184,21 +184,7 @@ def test_arbitrary_text_decided_like_the_library(raw: str) -> None:
 @pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def db(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Database]:
     """One database per backend for the module; every test stores into workspaces of its own."""
-    made: Iterator[str] | None = None
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path_factory.mktemp('fastpaths') / 'segment.db'}"
-    elif not POSTGRES_URL:
-        pytest.skip("PostgreSQL not configured: set SHOAL_TEST_POSTGRES_URL to run this case")
-    else:
-        made = postgres_database()
-        url = next(made)
-    database = Database(url, migrations_dir=MIGRATIONS)
-    database.migrate()
-    yield database
-    database.engine.dispose()
-    if made is not None:
-        for _ in made:
-            pass
+    yield from module_database(request, tmp_path_factory, MIGRATIONS, "fastpaths")
 
 
 # -- ids ------------------------------------------------------------------------------------------

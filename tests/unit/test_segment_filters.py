@@ -24,7 +24,7 @@ from shoal.db import Database
 from shoal.errors import InvalidArgument
 from shoal.v1 import common_pb2
 from shoal.v1 import segment_pb2 as pb
-from tests.fixtures_db import POSTGRES_URL, postgres_database
+from tests.fixtures_db import module_database
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 EMAIL, SMS = common_pb2.CHANNEL_EMAIL, common_pb2.CHANNEL_SMS
@@ -65,21 +65,7 @@ class Person:
 def db(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Database]:
     """One database per backend for the whole module: every test stores into workspaces of its own,
     so sharing is safe, and PostgreSQL pays for CREATE DATABASE and migrations once."""
-    made: Iterator[str] | None = None
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path_factory.mktemp('filters') / 'segment.db'}"
-    elif not POSTGRES_URL:
-        pytest.skip("PostgreSQL not configured: set SHOAL_TEST_POSTGRES_URL to run this case")
-    else:
-        made = postgres_database()
-        url = next(made)
-    database = Database(url, migrations_dir=MIGRATIONS)
-    database.migrate()
-    yield database
-    database.engine.dispose()
-    if made is not None:
-        for _ in made:
-            pass
+    yield from module_database(request, tmp_path_factory, MIGRATIONS, "filters")
 
 
 def store(db: Database, people: list[Person]) -> str:
