@@ -472,6 +472,24 @@ async def test_one_trace_per_run_from_the_caller_through_every_process(nats_url:
             timeout=10,
             what="carrier spans in the runs' traces",
         )
+        # Each process exports on its own schedule: the services' server spans under each SEND
+        # node can come in after the execution service's steps. Wait until every node's work has
+        # arrived; a real gap still fails, with the last thing found missing.
+        missing: list[str] = []
+
+        def node_work_arrived() -> bool:
+            missing.clear()
+            for r in runs:
+                tree = collector.tree(r.caller_trace)
+                for send in (s for s in tree.spans.values() if s.name == "shoal.node send"):
+                    try:
+                        assert_node_work(tree, send)
+                    except AssertionError as e:
+                        missing.append(f"{r.name}: {e}")
+                        return False
+            return True
+
+        await wait_for(node_work_arrived, timeout=15, interval=0.1, message=lambda: "; ".join(missing))
 
         for r in runs:
             tree = collector.tree(r.caller_trace)
